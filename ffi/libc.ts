@@ -1,0 +1,161 @@
+/**
+ * The one `Deno.dlopen` of the project: every libc symbol we call, with its C
+ * prototype. Nothing outside `ffi/` imports this file.
+ *
+ * `ssize_t` results are declared `i32`: every size we pass fits, and 32-bit
+ * results come back as plain numbers instead of BigInts.
+ *
+ * @module
+ */
+
+/** Fails at start on anything but Linux x86_64 or aarch64, before dlopen can. */
+function assertSupportedPlatform(): void {
+  const { os, arch } = Deno.build;
+  if (os !== "linux" || (arch !== "x86_64" && arch !== "aarch64")) {
+    throw new Error(
+      `one-socket runs on Linux x86_64 and aarch64 only (this is ${os} ${arch}): ` +
+        "it binds Linux libc and its struct layouts directly",
+    );
+  }
+}
+
+assertSupportedPlatform();
+
+const symbols = {
+  // int socket(int domain, int type, int protocol)
+  socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  // int socketpair(int domain, int type, int protocol, int sv[2])
+  socketpair: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
+  // int bind(int fd, const struct sockaddr *addr, socklen_t len)
+  bind: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  // int listen(int fd, int backlog)
+  listen: { parameters: ["i32", "i32"], result: "i32" },
+  // int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
+  accept4: { parameters: ["i32", "buffer", "buffer", "i32"], result: "i32" },
+  // int connect(int fd, const struct sockaddr *addr, socklen_t len)
+  connect: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  // ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+  sendmsg: { parameters: ["i32", "buffer", "i32"], result: "i32" },
+  // ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
+  recvmsg: { parameters: ["i32", "buffer", "i32"], result: "i32" },
+  // ssize_t send(int fd, const void *buf, size_t len, int flags)
+  send: { parameters: ["i32", "buffer", "usize", "i32"], result: "i32" },
+  // ssize_t read(int fd, void *buf, size_t len)
+  read: { parameters: ["i32", "buffer", "usize"], result: "i32" },
+  // ssize_t write(int fd, const void *buf, size_t len)
+  write: { parameters: ["i32", "buffer", "usize"], result: "i32" },
+  // int shutdown(int fd, int how)
+  shutdown: { parameters: ["i32", "i32"], result: "i32" },
+  // int close(int fd)
+  close: { parameters: ["i32"], result: "i32" },
+  // int fcntl(int fd, int cmd, int arg)
+  fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  // int getsockopt(int fd, int level, int name, void *value, socklen_t *len)
+  getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
+  // int setsockopt(int fd, int level, int name, const void *value, socklen_t len)
+  setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
+  // int unlink(const char *path)
+  unlink: { parameters: ["buffer"], result: "i32" },
+  // int epoll_create1(int flags)
+  epoll_create1: { parameters: ["i32"], result: "i32" },
+  // int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
+  epoll_ctl: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
+  // int epoll_wait(int epfd, struct epoll_event *events, int max, int timeout): polls only
+  epoll_wait: { parameters: ["i32", "buffer", "i32", "i32"], result: "i32" },
+  // The same call on a helper thread: the reactor's single blocking wait.
+  epoll_wait_blocking: {
+    name: "epoll_wait",
+    parameters: ["i32", "buffer", "i32", "i32"],
+    result: "i32",
+    nonblocking: true,
+  },
+  // int eventfd(unsigned int initval, int flags)
+  eventfd: { parameters: ["u32", "i32"], result: "i32" },
+  // int getrlimit(int resource, struct rlimit *rlim)
+  getrlimit: { parameters: ["i32", "buffer"], result: "i32" },
+  // int setrlimit(int resource, const struct rlimit *rlim)
+  setrlimit: { parameters: ["i32", "buffer"], result: "i32" },
+  // uid_t getuid(void)
+  getuid: { parameters: [], result: "u32" },
+  // pid_t getpid(void)
+  getpid: { parameters: [], result: "i32" },
+  // int *__errno_location(void): the calling thread's errno
+  __errno_location: { parameters: [], result: "pointer" },
+} as const satisfies Deno.ForeignLibraryInterface;
+
+/** The bound libc symbols. */
+export const libc: Deno.DynamicLibrary<typeof symbols>["symbols"] =
+  Deno.dlopen("libc.so.6", symbols).symbols;
+
+// JavaScript only ever runs on this thread, so its errno lives at one fixed address.
+const errnoView = new Deno.UnsafePointerView(libc.__errno_location()!);
+
+/**
+ * A `size_t` argument. Deno accepts a number for 64-bit parameters at run time
+ * (its types insist on BigInt); skipping the BigInt saves an allocation per call.
+ */
+export function sizeArgument(length: number): bigint {
+  return length as unknown as bigint;
+}
+
+/** errno of the last failed call on the JavaScript thread; read it right after the call. */
+export function errno(): number {
+  return errnoView.getInt32();
+}
+
+/** Numbers from the Linux headers; x86_64 and aarch64 agree on all of them. */
+export const AF_UNIX = 1;
+/** `SOCK_STREAM` */
+export const SOCK_STREAM = 1;
+/** `SOCK_NONBLOCK` (as a flag to socket/accept4/socketpair) */
+export const SOCK_NONBLOCK = 0o4000;
+/** `SOCK_CLOEXEC` */
+export const SOCK_CLOEXEC = 0o2000000;
+/** `SOL_SOCKET` */
+export const SOL_SOCKET = 1;
+/** `SO_PEERCRED` */
+export const SO_PEERCRED = 17;
+/** `SO_SNDBUF` */
+export const SO_SNDBUF = 7;
+/** `SCM_RIGHTS` */
+export const SCM_RIGHTS = 1;
+/** `MSG_NOSIGNAL`: a write to a closed peer fails with EPIPE instead of raising SIGPIPE. */
+export const MSG_NOSIGNAL = 0x4000;
+/** `MSG_CMSG_CLOEXEC`: received descriptors are close-on-exec from birth. */
+export const MSG_CMSG_CLOEXEC = 0x40000000;
+/** `MSG_CTRUNC` (in msg_flags): descriptors did not fit and the kernel dropped them. */
+export const MSG_CTRUNC = 0x8;
+/** `SHUT_WR` */
+export const SHUT_WR = 1;
+/** `F_GETFL` */
+export const F_GETFL = 3;
+/** `F_SETFL` */
+export const F_SETFL = 4;
+/** `O_NONBLOCK` */
+export const O_NONBLOCK = 0o4000;
+/** `EPOLL_CLOEXEC` */
+export const EPOLL_CLOEXEC = 0o2000000;
+/** `EPOLL_CTL_ADD` */
+export const EPOLL_CTL_ADD = 1;
+/** `EPOLL_CTL_DEL` */
+export const EPOLL_CTL_DEL = 2;
+/** `EPOLL_CTL_MOD` */
+export const EPOLL_CTL_MOD = 3;
+/** `EPOLLIN` */
+export const EPOLLIN = 0x001;
+/** `EPOLLOUT` */
+export const EPOLLOUT = 0x004;
+/** `EPOLLERR` */
+export const EPOLLERR = 0x008;
+/** `EPOLLHUP` */
+export const EPOLLHUP = 0x010;
+/** `EPOLLRDHUP` */
+export const EPOLLRDHUP = 0x2000;
+/** `EPOLLET` */
+export const EPOLLET = 0x80000000;
+/** `EFD_NONBLOCK` */
+export const EFD_NONBLOCK = 0o4000;
+/** `EFD_CLOEXEC` */
+export const EFD_CLOEXEC = 0o2000000;
+/** `RLIMIT_NOFILE` */
+export const RLIMIT_NOFILE = 7;

@@ -1,0 +1,178 @@
+/**
+ * Byte layouts of the C structs we hand to libc, for Linux x86_64 and aarch64
+ * (both LP64: pointers and `size_t` are 8 bytes). Only `epoll_event` differs:
+ * x86_64 packs it to 12 bytes, aarch64 pads it to 16.
+ *
+ * @module
+ */
+
+import { AF_UNIX, SCM_RIGHTS, SOL_SOCKET } from "./libc.ts";
+
+const encoder = new TextEncoder();
+
+/** `sizeof(sun_path)`: a filesystem path may use 107 bytes plus its NUL. */
+const SUN_PATH_SIZE = 108;
+
+/**
+ * A `struct sockaddr_un` for `path`, cut to the length to pass as `socklen_t`.
+ * A leading `@` names a Linux abstract socket (no file; `@name` → `\0name`).
+ */
+export function sockaddrUn(path: string): Uint8Array {
+  const abstract = path.startsWith("@");
+  const name = encoder.encode(abstract ? path.slice(1) : path);
+  // A filesystem path needs its terminating NUL; an abstract name is counted exactly.
+  const length = 2 + (abstract ? 1 + name.length : name.length + 1);
+  if (name.length === 0 || length > 2 + SUN_PATH_SIZE) {
+    throw new RangeError(
+      `socket path ${JSON.stringify(path)} must be 1 to ${SUN_PATH_SIZE - 1} bytes ` +
+        `(it is ${name.length})`,
+    );
+  }
+  if (!abstract && name.includes(0)) {
+    throw new RangeError(`socket path ${JSON.stringify(path)} contains a NUL byte`);
+  }
+  const address = new Uint8Array(length);
+  address[0] = AF_UNIX; // sa_family_t is little-endian u16
+  address.set(name, abstract ? 3 : 2);
+  return address;
+}
+
+/** A NUL-terminated C string. */
+export function cString(text: string): Uint8Array {
+  const bytes = encoder.encode(text);
+  const terminated = new Uint8Array(bytes.length + 1);
+  terminated.set(bytes);
+  return terminated;
+}
+
+/** `sizeof(struct epoll_event)` on this machine. */
+export const EPOLL_EVENT_SIZE: number = Deno.build.arch === "x86_64" ? 12 : 16;
+/** `offsetof(struct epoll_event, data)` on this machine. */
+export const EPOLL_DATA_OFFSET: number = Deno.build.arch === "x86_64" ? 4 : 8;
+
+/** Writes one `epoll_event` whose 64-bit data carries `fd` (low half) and `tag` (high half). */
+export function writeEpollEvent(view: DataView, events: number, fd: number, tag: number): void {
+  view.setUint32(0, events, true);
+  view.setInt32(EPOLL_DATA_OFFSET, fd, true);
+  view.setUint32(EPOLL_DATA_OFFSET + 4, tag, true);
+}
+
+/** `struct ucred` as `SO_PEERCRED` returns it. */
+export interface PeerCredentials {
+  /** Process id of the peer when it connected. */
+  pid: number;
+  /** Its user id. */
+  uid: number;
+  /** Its group id. */
+  gid: number;
+}
+
+/** `sizeof(struct ucred)` */
+export const UCRED_SIZE = 12;
+
+/** Reads a `struct ucred` (pid, uid, gid: three 32-bit fields). */
+export function readUcred(bytes: Uint8Array): PeerCredentials {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, UCRED_SIZE);
+  return {
+    pid: view.getInt32(0, true),
+    uid: view.getUint32(4, true),
+    gid: view.getUint32(8, true),
+  };
+}
+
+const pointerValue = (buffer: Uint8Array): bigint =>
+  BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(buffer as Uint8Array<ArrayBuffer>)));
+
+/** `CMSG_SPACE(4 * fds)`: a `cmsghdr` (16 bytes) plus the descriptors, 8-aligned. */
+const cmsgSpace = (fds: number) => 16 + ((4 * fds + 7) & ~7);
+
+/** Reads the `int` array of one SCM_RIGHTS control message. */
+function collectDescriptors(control: DataView, used: number, into: number[]): void {
+  let offset = 0;
+  while (offset + 16 <= used) {
+    const length = Number(control.getBigUint64(offset, true));
+    if (length < 16) break;
+    if (control.getInt32(offset + 8, true) === SOL_SOCKET) {
+      if (control.getInt32(offset + 12, true) === SCM_RIGHTS) {
+        for (let at = offset + 16; at + 4 <= offset + length; at += 4) {
+          into.push(control.getInt32(at, true));
+        }
+      }
+    }
+    offset += (length + 7) & ~7;
+  }
+}
+
+/**
+ * A `struct msghdr` with one `iovec` and a control buffer, built once and
+ * reused: the pointers inside are taken a single time, at construction, so
+ * each `sendmsg`/`recvmsg` only rewrites lengths.
+ *
+ * The buffers stay referenced by this object for as long as it lives, which
+ * keeps the pointers written into the header valid.
+ */
+export class MessageHeader {
+  /** The `struct msghdr` to pass to `sendmsg`/`recvmsg`. */
+  readonly header: Uint8Array<ArrayBuffer> = new Uint8Array(56);
+  /** Where the message bytes go (receive) or come from (send). */
+  readonly data: Uint8Array<ArrayBuffer>;
+  /** Descriptors found by the last {@link readDescriptors}. */
+  readonly descriptors: number[] = [];
+  readonly #headerView: DataView;
+  readonly #iovec: Uint8Array<ArrayBuffer> = new Uint8Array(16);
+  readonly #iovecView: DataView;
+  readonly #control: Uint8Array<ArrayBuffer>;
+  readonly #controlView: DataView;
+
+  /**
+   * @param data the single buffer the iovec points at
+   * @param maxDescriptors room in the control buffer; the kernel closes any beyond it
+   */
+  constructor(data: Uint8Array<ArrayBuffer>, maxDescriptors: number) {
+    this.data = data;
+    this.#control = new Uint8Array(cmsgSpace(maxDescriptors));
+    this.#headerView = new DataView(this.header.buffer);
+    this.#iovecView = new DataView(this.#iovec.buffer);
+    this.#controlView = new DataView(this.#control.buffer);
+    this.#iovecView.setBigUint64(0, pointerValue(data), true);
+    this.#iovecView.setBigUint64(8, BigInt(data.length), true);
+    this.#headerView.setBigUint64(16, pointerValue(this.#iovec), true); // msg_iov
+    this.#headerView.setBigUint64(24, 1n, true); // msg_iovlen
+    this.#headerView.setBigUint64(32, pointerValue(this.#control), true); // msg_control
+  }
+
+  /** Prepares to receive at most `length` bytes and `maxDescriptors` descriptors. */
+  prepareReceive(length: number): void {
+    this.#iovecView.setUint32(8, length, true);
+    this.#headerView.setUint32(40, this.#control.length, true);
+    this.#headerView.setInt32(48, 0, true);
+  }
+
+  /** Prepares to send the first `length` bytes of `data`, with `fd` attached unless it is -1. */
+  prepareSend(length: number, fd: number): void {
+    this.#iovecView.setUint32(8, length, true);
+    if (fd < 0) {
+      this.#headerView.setUint32(40, 0, true);
+      return;
+    }
+    this.#controlView.setBigUint64(0, 20n, true); // CMSG_LEN(sizeof(int))
+    this.#controlView.setInt32(8, SOL_SOCKET, true);
+    this.#controlView.setInt32(12, SCM_RIGHTS, true);
+    this.#controlView.setInt32(16, fd, true);
+    this.#headerView.setUint32(40, cmsgSpace(1), true);
+  }
+
+  /**
+   * After a successful `recvmsg`: fills {@link descriptors} with what arrived
+   * and returns true when the kernel had to drop some (MSG_CTRUNC).
+   */
+  readDescriptors(): boolean {
+    this.descriptors.length = 0;
+    const used = this.#headerView.getUint32(40, true);
+    if (used > 0) collectDescriptors(this.#controlView, used, this.descriptors);
+    return (this.#headerView.getInt32(48, true) & 0x8) !== 0; // MSG_CTRUNC
+  }
+}
+
+/** A `struct rlimit` (two 64-bit counts). */
+export const RLIMIT_SIZE = 16;
