@@ -1,0 +1,94 @@
+/**
+ * `one-socket broker`: the daemon's entry point. Flags and environment,
+ * logging setup, signals.
+ *
+ * @module
+ */
+
+import {
+  configure,
+  dispose,
+  getConsoleSink,
+  getTextFormatter,
+  jsonLinesFormatter,
+  type LogLevel,
+  parseLogLevel,
+} from "@logtape/logtape";
+import { parseCommandLine, runCommand, UsageError } from "../client/command_line.ts";
+import { resolveSocketPath } from "../client/socket_path.ts";
+import { Broker } from "./broker.ts";
+
+/** Usage of `one-socket broker`. */
+export const BROKER_USAGE =
+  `Usage: one-socket broker [--socket PATH] [--log-level LEVEL] [--log-format text|json]
+
+Serves SocketPair requests on a Unix socket until SIGINT or SIGTERM.
+
+Options:
+  --socket PATH        socket to listen on; default $ONE_SOCKET_PATH, else
+                       /run/one.socket for root, $XDG_RUNTIME_DIR/one.socket,
+                       or /tmp/one-socket-UID.socket. "@name" is an abstract socket.
+  --log-level LEVEL    trace, debug, info (default), warning, error, fatal
+  --log-format FORMAT  text (default) or json (one object per line)
+  -h, --help           show this help`;
+
+async function configureLogging(level: LogLevel, format: string): Promise<void> {
+  const formatter = format === "json" ? jsonLinesFormatter : getTextFormatter({
+    timestamp: "date-time-timezone",
+  });
+  await configure({
+    sinks: { stderr: getConsoleSink({ formatter }) },
+    loggers: [
+      { category: ["one-socket"], lowestLevel: level, sinks: ["stderr"] },
+      { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["stderr"] },
+    ],
+  });
+}
+
+/** Resolves on the first SIGINT or SIGTERM. */
+function shutdownSignal(): Promise<Deno.Signal> {
+  return new Promise((resolve) => {
+    const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
+    const handlers = signals.map((signal) => () => {
+      signals.forEach((s, i) => Deno.removeSignalListener(s, handlers[i]));
+      resolve(signal);
+    });
+    signals.forEach((s, i) => Deno.addSignalListener(s, handlers[i]));
+  });
+}
+
+/** Runs `one-socket broker` with `args`; resolves to the exit code once shut down. */
+export function runBroker(args: string[]): Promise<number> {
+  return runCommand("broker", BROKER_USAGE, async () => {
+    const { values, positionals } = parseCommandLine(args, {
+      socket: { type: "string" },
+      "log-level": { type: "string", default: "info" },
+      "log-format": { type: "string", default: "text" },
+      help: { type: "boolean", short: "h" },
+    });
+    if (values.help) {
+      console.log(BROKER_USAGE);
+      return 0;
+    }
+    if (positionals.length > 0) throw new UsageError(`unexpected argument ${positionals[0]}`);
+    let level: LogLevel;
+    try {
+      level = parseLogLevel(values["log-level"]);
+    } catch {
+      throw new UsageError(`unknown log level ${values["log-level"]}`);
+    }
+    const format = values["log-format"];
+    if (format !== "text" && format !== "json") {
+      throw new UsageError(`unknown log format ${format} (text or json)`);
+    }
+    await configureLogging(level, format);
+    try {
+      const broker = await Broker.listen({ path: resolveSocketPath(values.socket) });
+      await shutdownSignal();
+      await broker.close();
+      return 0;
+    } finally {
+      await dispose();
+    }
+  });
+}

@@ -1,0 +1,55 @@
+/**
+ * What every `one-socket` subcommand shares: argument parsing that turns any
+ * mistake into a usage message and exit code 2.
+ *
+ * @module
+ */
+
+import { parseArgs, type ParseArgsConfig } from "node:util";
+
+/** Exit code for a command line that could not be understood. */
+export const EXIT_USAGE = 2;
+/** Exit code for a failure while running. */
+export const EXIT_FAILURE = 1;
+
+/** A command line that could not be understood; its message is shown above the usage. */
+export class UsageError extends Error {
+  /** @param message what was wrong */
+  constructor(message: string) {
+    super(message);
+    this.name = "UsageError";
+  }
+}
+
+/** `parseArgs` in strict mode, its errors turned into {@link UsageError}. */
+export function parseCommandLine<T extends ParseArgsConfig["options"]>(
+  args: string[],
+  options: T,
+): ReturnType<typeof parseArgs<{ args: string[]; options: T; allowPositionals: true }>> {
+  try {
+    return parseArgs({ args, options, allowPositionals: true, strict: true });
+  } catch (error) {
+    throw new UsageError(error instanceof Error ? error.message : String(error));
+  }
+}
+
+/**
+ * Runs a subcommand: a {@link UsageError} prints the message and `usage` and
+ * exits 2; any other error prints one line and exits 1.
+ */
+export async function runCommand(
+  name: string,
+  usage: string,
+  body: () => Promise<number>,
+): Promise<number> {
+  try {
+    return await body();
+  } catch (error) {
+    if (error instanceof UsageError) {
+      console.error(`one-socket ${name}: ${error.message}\n\n${usage}`);
+      return EXIT_USAGE;
+    }
+    console.error(`one-socket ${name}: ${error instanceof Error ? error.message : error}`);
+    return EXIT_FAILURE;
+  }
+}

@@ -1,0 +1,215 @@
+/**
+ * Asking the broker for a pair: {@link getPair} in one call, or the steps
+ * ({@link connectBroker}, {@link BrokerConnection.request},
+ * {@link BrokerConnection.receivePair}) for callers that drive them.
+ *
+ * @module
+ */
+
+import { Errno, OsError } from "../ffi/errors.ts";
+import { connectUnix, receiveMessage, sendFrom, type UnixSocket } from "../ffi/socket.ts";
+import { closeDescriptor } from "../ffi/socket.ts";
+import { MessageHeader } from "../ffi/structs.ts";
+import { PairedSocket } from "./paired_socket.ts";
+import {
+  decodeSetPair,
+  encodeGetPair,
+  type Key,
+  MESSAGE_SIZE,
+  type Mode,
+  ProtocolError,
+} from "./protocol.ts";
+import { resolveSocketPath } from "./socket_path.ts";
+
+/**
+ * The broker closed the connection without a `SET_PAIR`: it rejected the
+ * request (see its log), or it shut down while the client waited.
+ *
+ * @example
+ * ```ts
+ * import { BrokerClosedError, getPair } from "./mod.ts";
+ * try {
+ *   await getPair("k");
+ * } catch (error) {
+ *   if (error instanceof BrokerClosedError) console.log("retry later:", error.message);
+ * }
+ * ```
+ */
+export class BrokerClosedError extends Error {
+  /** The broker socket path. */
+  readonly path: string;
+
+  /** @param path the broker socket path */
+  constructor(path: string) {
+    super(
+      `broker at ${path} closed the connection without a reply ` +
+        "(request rejected, or the broker stopped; see its log)",
+    );
+    this.name = "BrokerClosedError";
+    this.path = path;
+  }
+}
+
+/** Options of {@link getPair}. */
+export interface PairOptions {
+  /** Broker socket path; default `$ONE_SOCKET_PATH`, else {@link defaultSocketPath}. */
+  socket?: string;
+  /** `none` pairs with `none`; `client` with `server`. Default `none`. */
+  mode?: Mode;
+  /** Gives up (rejecting with the signal's reason) and closes the broker connection. */
+  signal?: AbortSignal;
+}
+
+/** Resolves with `promise`, or rejects with `signal`'s reason as soon as it aborts. */
+function abortable<T>(promise: Promise<T>, signal?: AbortSignal): Promise<T> {
+  if (!signal) return promise;
+  signal.throwIfAborted();
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+  });
+}
+
+// Every recvmsg below is synchronous, so one header serves all connections.
+const replyHeader = new MessageHeader(new Uint8Array(MESSAGE_SIZE), 8);
+
+/**
+ * A connection to the broker, for one request. Owns its descriptor.
+ *
+ * @example The steps of {@link getPair}, one by one
+ * ```ts
+ * import { connectBroker } from "./mod.ts";
+ * using connection = await connectBroker("/run/one.socket");
+ * await connection.request("vhost-user-1", "server");
+ * const socket = await connection.receivePair();
+ * socket.close();
+ * ```
+ */
+export class BrokerConnection implements Disposable {
+  /** The broker socket path. */
+  readonly path: string;
+  readonly #socket: UnixSocket;
+
+  /** Use {@link connectBroker}. */
+  constructor(path: string, socket: UnixSocket) {
+    this.path = path;
+    this.#socket = socket;
+  }
+
+  /** Sends the `GET_PAIR` request for `key` in `mode`. */
+  async request(key: Key, mode: Mode = "none", signal?: AbortSignal): Promise<void> {
+    let rest = encodeGetPair(key, mode) as Uint8Array<ArrayBuffer>;
+    while (rest.length > 0) {
+      const sent = sendFrom(this.#socket.fd, rest);
+      if (sent >= 0) rest = rest.subarray(sent);
+      else if (sent === -Errno.EAGAIN) await abortable(this.#socket.readiness.writable(), signal);
+      else if (sent === -Errno.EPIPE || sent === -Errno.ECONNRESET) {
+        throw new BrokerClosedError(this.path);
+      } else throw new OsError("send", -sent, this.path);
+    }
+  }
+
+  /**
+   * Waits for the `SET_PAIR` reply and returns the socket it carries. The
+   * reply must be exactly what the C client accepts: 1044 bytes, `SET_PAIR`,
+   * version 1, size 8, exactly one descriptor.
+   */
+  async receivePair(signal?: AbortSignal): Promise<PairedSocket> {
+    const frame = new Uint8Array(MESSAGE_SIZE);
+    const descriptors: number[] = [];
+    let received = 0;
+    try {
+      while (received < MESSAGE_SIZE) {
+        replyHeader.prepareReceive(MESSAGE_SIZE - received);
+        const count = receiveMessage(this.#socket.fd, replyHeader);
+        if (count === -Errno.EAGAIN) {
+          await abortable(this.#socket.readiness.readable(), signal);
+          continue;
+        }
+        if (count === 0 || count === -Errno.ECONNRESET) {
+          if (received === 0) throw new BrokerClosedError(this.path);
+          throw new ProtocolError("SET_PAIR", "length", received, `must be ${MESSAGE_SIZE}`);
+        }
+        if (count < 0) throw new OsError("recvmsg", -count, this.path);
+        replyHeader.readDescriptors();
+        descriptors.push(...replyHeader.descriptors);
+        frame.set(replyHeader.data.subarray(0, count), received);
+        received += count;
+      }
+      decodeSetPair(frame);
+      if (descriptors.length !== 1) {
+        throw new ProtocolError("SET_PAIR", "descriptors", descriptors.length, "must be 1");
+      }
+      return new PairedSocket(descriptors.pop()!);
+    } finally {
+      for (const fd of descriptors) closeDescriptor(fd);
+    }
+  }
+
+  /** Closes the connection to the broker (the paired socket is unaffected). */
+  close(): void {
+    this.#socket.close();
+  }
+
+  /** Same as {@link close}. */
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+const CONNECT_HINTS: Record<string, string> = {
+  ENOENT: "no socket there; is the broker running?",
+  ECONNREFUSED: "is the broker running?",
+  EACCES: "no permission to use the broker socket",
+};
+
+/**
+ * Connects to the broker at `path` (default: `$ONE_SOCKET_PATH`, else
+ * {@link defaultSocketPath}).
+ *
+ * @example
+ * ```ts
+ * import { connectBroker } from "./mod.ts";
+ * using connection = await connectBroker();
+ * console.log(`connected to ${connection.path}`);
+ * ```
+ */
+export async function connectBroker(
+  path?: string,
+  signal?: AbortSignal,
+): Promise<BrokerConnection> {
+  const resolved = resolveSocketPath(path);
+  try {
+    return new BrokerConnection(resolved, await connectUnix(resolved, signal));
+  } catch (error) {
+    if (error instanceof OsError && error.code in CONNECT_HINTS) {
+      throw new OsError("connect", error.errno, resolved, CONNECT_HINTS[error.code]);
+    }
+    throw error;
+  }
+}
+
+/**
+ * Asks the broker for a socket shared with the peer that sends the same key
+ * in a compatible mode, and waits for it. The broker connection is closed
+ * before this returns or throws.
+ *
+ * @example Two peers meet on a key
+ * ```ts
+ * import { getPair } from "./mod.ts";
+ * const [server, client] = await Promise.all([
+ *   getPair("demo", { mode: "server", signal: AbortSignal.timeout(5000) }),
+ *   getPair("demo", { mode: "client", signal: AbortSignal.timeout(5000) }),
+ * ]);
+ * await client.write(new TextEncoder().encode("ping"));
+ * server.close();
+ * client.close();
+ * ```
+ */
+export async function getPair(key: Key, options: PairOptions = {}): Promise<PairedSocket> {
+  const { socket, mode = "none", signal } = options;
+  using connection = await connectBroker(socket, signal);
+  await connection.request(key, mode, signal);
+  return await connection.receivePair(signal);
+}

@@ -1,0 +1,137 @@
+/**
+ * One Socket: a SocketPair broker and its client library, wire-compatible
+ * with the C SocketPair Broker (protocol v1).
+ *
+ * Many processes on one host meet through one broker socket: each sends a
+ * key, and when two keys match the broker hands each a end of a fresh
+ * `socketpair()`. From then on the two talk directly.
+ *
+ * Run as a program, this module is the `one-socket` command
+ * (`broker`, `pair`, `help`, `--version`).
+ *
+ * @example Pair two peers through a broker
+ * ```ts
+ * import { Broker, getPair } from "./mod.ts";
+ * const path = `/tmp/one-socket-example-${Deno.pid}.socket`;
+ * await using _broker = await Broker.listen({ path });
+ * const [server, client] = await Promise.all([
+ *   getPair("vhost-user-1", { socket: path, mode: "server" }),
+ *   getPair("vhost-user-1", { socket: path, mode: "client" }),
+ * ]);
+ * await client.write(new TextEncoder().encode("hello"));
+ * const buffer = new Uint8Array(5);
+ * await server.read(buffer);
+ * server.close();
+ * client.close();
+ * ```
+ *
+ * @module
+ */
+
+import denoConfig from "./deno.json" with { type: "json" };
+import { runBroker } from "./broker/cli.ts";
+import { runPair } from "./client/cli.ts";
+import { EXIT_USAGE } from "./client/command_line.ts";
+
+export { Broker, type BrokerOptions, type BrokerStats } from "./broker/broker.ts";
+export {
+  BrokerClosedError,
+  BrokerConnection,
+  connectBroker,
+  getPair,
+  type PairOptions,
+} from "./client/pair.ts";
+export { PairedSocket } from "./client/paired_socket.ts";
+export {
+  defaultSocketPath,
+  resolveSocketPath,
+  SOCKET_PATH_VARIABLE,
+} from "./client/socket_path.ts";
+export {
+  decodeGetPair,
+  decodeSetPair,
+  describeKey,
+  encodeGetPair,
+  encodeSetPair,
+  GET_PAIR_MIN_SIZE,
+  GET_PAIR_PAYLOAD_SIZE,
+  type GetPair,
+  type Key,
+  keyBytes,
+  MAX_KEY_LENGTH,
+  MESSAGE_SIZE,
+  type Mode,
+  MODES,
+  parseMode,
+  peerMode,
+  PROTOCOL_VERSION,
+  ProtocolError,
+  type ProtocolErrorField,
+  REQUEST_GET_PAIR,
+  REQUEST_SET_PAIR,
+  SET_PAIR_PAYLOAD_SIZE,
+} from "./client/protocol.ts";
+export { OsError } from "./ffi/errors.ts";
+
+/**
+ * This release's version.
+ *
+ * @example
+ * ```ts
+ * import { VERSION } from "./mod.ts";
+ * console.log(`one-socket ${VERSION}`);
+ * ```
+ */
+export const VERSION: string = denoConfig.version;
+
+const USAGE = `Usage: one-socket COMMAND [OPTIONS]
+
+Commands:
+  broker   run the SocketPair broker on a Unix socket
+  pair     get the socket paired on a key and bridge it to stdin/stdout
+  help     show this help (or: one-socket COMMAND --help)
+
+Options:
+  --version  print the version
+
+Environment:
+  ONE_SOCKET_PATH  broker socket path, for both the broker and its clients`;
+
+/**
+ * The `one-socket` command: dispatches to a subcommand and resolves to the
+ * process exit code.
+ *
+ * @example
+ * ```ts
+ * import { main } from "./mod.ts";
+ * const code = await main(["--version"]);
+ * console.log(code); // 0
+ * ```
+ */
+export function main(args: string[]): Promise<number> {
+  const [command, ...rest] = args;
+  switch (command) {
+    case "broker":
+      return runBroker(rest);
+    case "pair":
+      return runPair(rest);
+    case "--version":
+    case "-V":
+      console.log(`one-socket ${VERSION}`);
+      return Promise.resolve(0);
+    case "help":
+    case "--help":
+    case "-h":
+      console.log(USAGE);
+      return Promise.resolve(0);
+    default:
+      console.error(
+        command === undefined ? USAGE : `one-socket: unknown command ${command}\n\n${USAGE}`,
+      );
+      return Promise.resolve(EXIT_USAGE);
+  }
+}
+
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args));
+}
