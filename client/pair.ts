@@ -15,6 +15,7 @@ import {
   decodeSetPair,
   encodeGetPair,
   type Key,
+  keyBytes,
   MESSAGE_SIZE,
   type Mode,
   ProtocolError,
@@ -209,7 +210,8 @@ export async function connectBroker(
  */
 export async function getPair(key: Key, options: PairOptions = {}): Promise<PairedSocket> {
   const { socket, mode = "none", signal } = options;
+  const bytes = keyBytes(key); // a bad key is the caller's error, whatever the broker's state
   using connection = await connectBroker(socket, signal);
-  await connection.request(key, mode, signal);
+  await connection.request(bytes, mode, signal);
   return await connection.receivePair(signal);
 }

@@ -1,0 +1,273 @@
+import assert from "node:assert/strict";
+import { BrokerClosedError, connectBroker, getPair } from "../client/pair.ts";
+import { PairedSocket } from "../client/paired_socket.ts";
+import { encodeSetPair, ProtocolError } from "../client/protocol.ts";
+import { OsError } from "../ffi/errors.ts";
+import { Reactor } from "../ffi/reactor.ts";
+import {
+  acceptConnection,
+  closeDescriptor,
+  createSocketPair,
+  listenUnix,
+  readInto,
+  sendMessage,
+  UnixSocket,
+} from "../ffi/socket.ts";
+import { MessageHeader } from "../ffi/structs.ts";
+import {
+  countOpenDescriptors,
+  eventually,
+  RawClient,
+  temporarySocketPath,
+  withBroker,
+} from "./helpers.ts";
+
+const fixture = (name: string) => Deno.readFile(new URL(`./fixtures/${name}`, import.meta.url));
+
+/**
+ * A one-shot stand-in for the C broker: accepts one client, reads its
+ * request, and answers with `reply` (bytes and descriptors) or just closes.
+ */
+async function withFakeBroker(
+  reply: (request: Uint8Array) => { bytes: Uint8Array; fds: number[] } | "close",
+  body: (path: string, request: Promise<Uint8Array>) => Promise<void>,
+): Promise<void> {
+  const socket = await temporarySocketPath();
+  const listener = listenUnix(socket.path, 1);
+  const served = (async () => {
+    let fd = acceptConnection(listener.fd);
+    while (fd < 0) {
+      await listener.readiness.readable();
+      fd = acceptConnection(listener.fd);
+    }
+    using connection = new UnixSocket(fd);
+    const request = new Uint8Array(1044);
+    let received = 0;
+    while (received < request.length) {
+      const count = readInto(connection.fd, request.subarray(received) as Uint8Array<ArrayBuffer>);
+      if (count === 0) break;
+      if (count > 0) received += count;
+      else await connection.readiness.readable();
+    }
+    const answer = reply(request.subarray(0, received));
+    if (answer === "close") return request;
+    const header = new MessageHeader(answer.bytes as Uint8Array<ArrayBuffer>, 1);
+    header.prepareSend(answer.bytes.length, answer.fds.length > 0 ? answer.fds[0] : -1);
+    assert.equal(sendMessage(connection.fd, header), answer.bytes.length);
+    // A second descriptor needs a second message: the test helper attaches one at a time.
+    for (const extra of answer.fds.slice(1)) {
+      const more = new MessageHeader(new Uint8Array(0), 1);
+      more.prepareSend(0, extra);
+      sendMessage(connection.fd, more);
+    }
+    answer.fds.forEach(closeDescriptor);
+    return request;
+  })();
+  try {
+    await body(socket.path, served);
+  } finally {
+    listener.close();
+    await served.catch(() => {});
+    await Reactor.instance().stopped;
+    await socket.remove();
+  }
+}
+
+function freshPair(): [number, number] {
+  const pair = new Int32Array(2);
+  assert.equal(createSocketPair(pair), 0);
+  return [pair[0], pair[1]];
+}
+
+/** One end of a fresh socketpair whose other end is already closed. */
+function loneEnd(): number {
+  const [end, other] = freshPair();
+  closeDescriptor(other);
+  return end;
+}
+
+Deno.test("our GET_PAIR is byte for byte what the C client sends", async () => {
+  const golden = await fixture("get_pair_server_vhost-user-1.bin");
+  await withFakeBroker(() => "close", async (path, request) => {
+    await assert.rejects(
+      getPair("vhost-user-1", { socket: path, mode: "server" }),
+      BrokerClosedError,
+    );
+    assert.deepEqual(await request, golden);
+  });
+});
+
+Deno.test("the C broker's SET_PAIR is accepted and its descriptor works", async () => {
+  const golden = await fixture("set_pair.bin");
+  const [ours, theirs] = freshPair();
+  await withFakeBroker(() => ({ bytes: golden, fds: [ours] }), async (path) => {
+    const socket = await getPair("vhost-user-1", { socket: path, mode: "client" });
+    try {
+      await socket.write(new TextEncoder().encode("ping"));
+      const buffer = new Uint8Array(4) as Uint8Array<ArrayBuffer>;
+      assert.equal(readInto(theirs, buffer), 4);
+      assert.equal(new TextDecoder().decode(buffer), "ping");
+    } finally {
+      socket.close();
+      closeDescriptor(theirs);
+    }
+  });
+});
+
+const badReplies: [string, () => { bytes: Uint8Array; fds: number[] }, RegExp][] = [
+  ["no descriptor", () => ({ bytes: encodeSetPair(), fds: [] }), /descriptors 0/],
+  [
+    "a reply one byte short",
+    () => ({ bytes: encodeSetPair().subarray(0, 1043), fds: [loneEnd()] }),
+    /length 1043/,
+  ],
+  ["size 0", () => {
+    const bytes = encodeSetPair();
+    bytes[8] = 0;
+    return { bytes, fds: [loneEnd()] };
+  }, /size 0/],
+  ["request GET_PAIR", () => {
+    const bytes = encodeSetPair();
+    bytes[0] = 1;
+    return { bytes, fds: [loneEnd()] };
+  }, /request 1/],
+  ["version 2", () => {
+    const bytes = encodeSetPair();
+    bytes[4] = 2;
+    return { bytes, fds: [loneEnd()] };
+  }, /flags 0x2/],
+];
+
+for (const [what, reply, message] of badReplies) {
+  Deno.test(`a SET_PAIR with ${what} is refused and leaks nothing`, async () => {
+    const before = countOpenDescriptors();
+    await withFakeBroker(reply, async (path) => {
+      await assert.rejects(getPair("k", { socket: path }), (error) => {
+        assert.ok(error instanceof ProtocolError, String(error));
+        assert.match(error.message, message);
+        return true;
+      });
+    });
+    assert.equal(countOpenDescriptors(), before);
+  });
+}
+
+Deno.test("a missing broker socket is reported with its path and errno", async () => {
+  const socket = await temporarySocketPath();
+  try {
+    await assert.rejects(getPair("k", { socket: socket.path }), (error) => {
+      assert.ok(error instanceof OsError);
+      assert.equal(error.code, "ENOENT");
+      assert.equal(
+        error.message,
+        `connect ${socket.path}: ENOENT (no socket there; is the broker running?)`,
+      );
+      return true;
+    });
+  } finally {
+    await socket.remove();
+  }
+});
+
+Deno.test("a socket file without a broker is reported as ECONNREFUSED", async () => {
+  const socket = await temporarySocketPath();
+  try {
+    listenUnix(socket.path, 1).close();
+    await assert.rejects(
+      connectBroker(socket.path),
+      { message: `connect ${socket.path}: ECONNREFUSED (is the broker running?)` },
+    );
+  } finally {
+    await socket.remove();
+  }
+});
+
+Deno.test("an invalid key fails before anything is sent", async () => {
+  await assert.rejects(getPair("", { socket: "/nonexistent/broker.socket" }), RangeError);
+  await assert.rejects(getPair(new Uint8Array(1025), { socket: "/nonexistent" }), RangeError);
+});
+
+Deno.test("aborting a waiting getPair rejects with the reason and frees the broker slot", () =>
+  withBroker(async (broker, path) => {
+    const controller = new AbortController();
+    const waiting = getPair("abandoned", { socket: path, signal: controller.signal });
+    await eventually(() => broker.stats.waiting === 1, "the request to wait");
+    controller.abort(new Error("no longer needed"));
+    await assert.rejects(waiting, { message: "no longer needed" });
+    await eventually(() => broker.stats.waiting === 0, "the broker to notice");
+  }));
+
+Deno.test("the lower-level steps pair like getPair does", () =>
+  withBroker(async (_broker, path) => {
+    using first = await connectBroker(path);
+    using second = await connectBroker(path);
+    await first.request("steps", "server");
+    await second.request("steps", "client");
+    const [a, b] = await Promise.all([first.receivePair(), second.receivePair()]);
+    await a.write(new Uint8Array([42]));
+    const buffer = new Uint8Array(1);
+    assert.equal(await b.read(buffer), 1);
+    assert.equal(buffer[0], 42);
+    a.close();
+    b.close();
+  }));
+
+Deno.test("streams carry 4 MiB each way, and closeWrite ends only one direction", () =>
+  withBroker(async (_broker, path) => {
+    const [a, b] = await Promise.all([
+      getPair("bulk", { socket: path }),
+      getPair("bulk", { socket: path }),
+    ]);
+    const payload = new Uint8Array(4 << 20).map((_, i) => (i * 2654435761) >>> 24);
+    const collect = async (socket: PairedSocket) =>
+      new Uint8Array(await new Response(socket.readable).arrayBuffer());
+    const [atB, atA] = await Promise.all([
+      collect(b),
+      collect(a),
+      new Blob([payload]).stream().pipeTo(a.writable),
+      new Blob([payload]).stream().pipeTo(b.writable),
+    ]);
+    assert.deepEqual(atB, payload);
+    assert.deepEqual(atA, payload);
+    a.close();
+    b.close();
+  }));
+
+Deno.test("reads after the peer closes end the stream; writes fail with EPIPE", () =>
+  withBroker(async (_broker, path) => {
+    const [a, b] = await Promise.all([
+      getPair("gone", { socket: path }),
+      getPair("gone", { socket: path }),
+    ]);
+    b.close();
+    assert.equal(await a.read(new Uint8Array(8)), null);
+    await assert.rejects(a.write(new Uint8Array(8)), { code: "EPIPE" });
+    a.close();
+  }));
+
+Deno.test("close wakes a pending read; detach hands the descriptor on unclosed", () =>
+  withBroker(async (_broker, path) => {
+    const [a, b] = await Promise.all([
+      getPair("detach", { socket: path }),
+      getPair("detach", { socket: path }),
+    ]);
+    const pending = a.read(new Uint8Array(8));
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    a.close();
+    await assert.rejects(pending, Deno.errors.BadResource);
+    const fd = b.detach();
+    assert.equal(b.fd, -1);
+    b.close();
+    // Still ours to use: the peer end is closed, so a read sees end of stream.
+    assert.equal(readInto(fd, new Uint8Array(1) as Uint8Array<ArrayBuffer>), 0);
+    closeDescriptor(fd);
+  }));
+
+Deno.test("a raw client that sends nothing and leaves costs the broker nothing", () =>
+  withBroker(async (broker, path) => {
+    const raw = await RawClient.connect(path);
+    await eventually(() => broker.stats.open === 1, "the connection to be accepted");
+    raw[Symbol.dispose]();
+    await eventually(() => broker.stats.open === 0, "the connection to be closed");
+    assert.equal(broker.stats.rejected, 0);
+  }));
