@@ -40,7 +40,11 @@ export class BrokerClosedError extends Error {
   /** The broker socket path. */
   readonly path: string;
 
-  /** @param path the broker socket path */
+  /**
+   * Describes a broker at `path` that hung up without answering.
+   *
+   * @param path the broker socket path
+   */
   constructor(path: string) {
     super(
       `broker at ${path} closed the connection without a reply ` +

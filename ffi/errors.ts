@@ -86,6 +86,8 @@ export class OsError extends Error {
   readonly path?: string;
 
   /**
+   * Describes a failed call; the message reads `syscall path: ECODE (hint or errno text)`.
+   *
    * @param syscall the failed call
    * @param errno its errno value
    * @param path the path or key involved
