@@ -300,7 +300,7 @@ export class Broker implements AsyncDisposable {
       const found = this.#matcher.take(key, mode, connection);
       if (found.waiting) {
         connection.waiter = found;
-        logger.debug("client {id} waits on key {key} as {mode}", {
+        logger.debug(`client {id} waits on key "{key}" as {mode}`, {
           id: connection.id,
           key: describeKey(key),
           mode,
@@ -321,7 +321,7 @@ export class Broker implements AsyncDisposable {
     const pair = this.#pair;
     const created = createSocketPair(pair);
     if (created < 0) {
-      logger.error("socketpair for key {key}: {code}; closing clients {a} and {b}", {
+      logger.error(`socketpair for key "{key}": {code}; closing clients {a} and {b}`, {
         key: describeKey(key),
         code: errnoName(-created),
         a: partner.id,
@@ -353,7 +353,7 @@ export class Broker implements AsyncDisposable {
       return true;
     }
     this.#paired++;
-    logger.debug("paired clients {a} and {b} on key {key}", {
+    logger.debug(`paired clients {a} and {b} on key "{key}"`, {
       a: partner.id,
       b: newcomer.id,
       key: describeKey(key),

@@ -32,12 +32,23 @@ Options:
   --log-format FORMAT  text (default) or json (one object per line)
   -h, --help           show this help`;
 
+const ALL_LEVELS_TO_STDERR = {
+  trace: "error",
+  debug: "error",
+  info: "error",
+  warning: "error",
+  error: "error",
+  fatal: "error",
+} as const;
+
 async function configureLogging(level: LogLevel, format: string): Promise<void> {
   const formatter = format === "json" ? jsonLinesFormatter : getTextFormatter({
     timestamp: "date-time-timezone",
+    value: "bare",
   });
   await configure({
-    sinks: { stderr: getConsoleSink({ formatter }) },
+    // The console sink would print info and debug with console.info/debug, i.e. to stdout.
+    sinks: { stderr: getConsoleSink({ formatter, levelMap: ALL_LEVELS_TO_STDERR }) },
     loggers: [
       { category: ["one-socket"], lowestLevel: level, sinks: ["stderr"] },
       { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["stderr"] },

@@ -1,0 +1,617 @@
+/**
+ * End-to-end tests of the `one-socket` command: real `deno run mod.ts`
+ * processes, real sockets in a fresh temporary directory.
+ *
+ * Every test runs inside {@link withScope}, which kills and awaits every
+ * process it spawned and removes its directory, whether the test passes or not.
+ */
+
+import assert from "node:assert/strict";
+import { fileURLToPath } from "node:url";
+import denoConfig from "../deno.json" with { type: "json" };
+
+const MOD = fileURLToPath(new URL("../mod.ts", import.meta.url));
+const PERMISSIONS = ["--allow-ffi", "--allow-read", "--allow-write", "--allow-env"];
+/** Bound on any wait for a child process: readiness, a log line, an exit. */
+const WAIT_MS = 10_000;
+const POLL_MS = 20;
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+/** How a child process ended, with everything it wrote. */
+interface Finished {
+  code: number;
+  signal: Deno.Signal | null;
+  stdout: Uint8Array;
+  stderr: string;
+}
+
+interface SpawnOptions {
+  /** Extra environment variables (merged into the inherited environment). */
+  env?: Record<string, string>;
+  /** Pipe standard input (written with {@link Cli.feed}); otherwise it is null. */
+  stdin?: boolean;
+}
+
+/** One `one-socket` process: its output is collected from the start. */
+class Cli {
+  readonly args: string[];
+  readonly #child: Deno.ChildProcess;
+  readonly #status: Promise<Deno.CommandStatus>;
+  readonly #stdoutChunks: Uint8Array[] = [];
+  readonly #stdoutDone: Promise<void>;
+  readonly #stderrDone: Promise<void>;
+  #stderr = "";
+  #exited = false;
+  #stdinOpen: boolean;
+  #feeding?: Promise<void>;
+  /** The error writing standard input met, if any (the process may have exited early). */
+  feedError?: unknown;
+
+  constructor(args: string[], options: SpawnOptions = {}) {
+    this.args = args;
+    this.#child = new Deno.Command(Deno.execPath(), {
+      args: ["run", ...PERMISSIONS, MOD, ...args],
+      env: options.env,
+      stdin: options.stdin ? "piped" : "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    this.#stdinOpen = options.stdin === true;
+    this.#status = this.#child.status.then((status) => {
+      this.#exited = true;
+      return status;
+    });
+    const [stdout, stderr] = [this.#child.stdout, this.#child.stderr];
+    this.#stdoutDone = (async () => {
+      for await (const chunk of stdout) this.#stdoutChunks.push(chunk);
+    })();
+    this.#stderrDone = (async () => {
+      for await (const text of stderr.pipeThrough(new TextDecoderStream())) {
+        this.#stderr += text;
+      }
+    })();
+  }
+
+  get pid(): number {
+    return this.#child.pid;
+  }
+
+  /** Standard error so far. */
+  get stderr(): string {
+    return this.#stderr;
+  }
+
+  /** Standard output so far. */
+  get stdout(): Uint8Array {
+    if (this.#stdoutChunks.length !== 1) {
+      const all = new Uint8Array(this.#stdoutChunks.reduce((sum, c) => sum + c.length, 0));
+      let offset = 0;
+      for (const chunk of this.#stdoutChunks) {
+        all.set(chunk, offset);
+        offset += chunk.length;
+      }
+      this.#stdoutChunks.splice(0, this.#stdoutChunks.length, all);
+    }
+    return this.#stdoutChunks[0];
+  }
+
+  /**
+   * Everything written so far, stdout then stderr, as text: where to wait for
+   * a log line without depending on which stream the logger uses (that is
+   * asserted on its own).
+   */
+  get output(): string {
+    return decoder.decode(this.stdout) + this.#stderr;
+  }
+
+  get exited(): boolean {
+    return this.#exited;
+  }
+
+  #describe(): string {
+    return `one-socket ${this.args.join(" ")}`;
+  }
+
+  /** Polls until `ready()` holds; fails if the process exits first or after {@link WAIT_MS}. */
+  async waitUntil(what: string, ready: () => boolean): Promise<void> {
+    const deadline = Date.now() + WAIT_MS;
+    while (!ready()) {
+      if (this.#exited) {
+        await this.#stderrDone;
+        await this.#stdoutDone;
+        assert.fail(`${this.#describe()} exited before ${what}; output:\n${this.output}`);
+      }
+      if (Date.now() > deadline) {
+        assert.fail(
+          `${this.#describe()}: no ${what} after ${WAIT_MS} ms; stderr:\n${this.#stderr}`,
+        );
+      }
+      await sleep(POLL_MS);
+    }
+  }
+
+  /** Waits for `text` in {@link output}. */
+  waitForOutput(text: string): Promise<void> {
+    return this.waitUntil(`"${text}" in its output`, () => this.output.includes(text));
+  }
+
+  /**
+   * Writes `data` to standard input, then closes it. A write error (the
+   * process went away) is kept in {@link feedError} rather than thrown, so that
+   * the test reports the exit status and stderr, which say more.
+   */
+  feed(data: Uint8Array): Promise<void> {
+    assert.ok(this.#stdinOpen && this.#feeding === undefined, "stdin is not available");
+    this.#stdinOpen = false;
+    return this.#feeding = (async () => {
+      const writer = this.#child.stdin.getWriter();
+      try {
+        if (data.length > 0) await writer.write(data);
+        await writer.close();
+      } catch (error) {
+        this.feedError = error;
+        await writer.abort().catch(() => {});
+      } finally {
+        writer.releaseLock();
+      }
+    })();
+  }
+
+  kill(signal: Deno.Signal): void {
+    this.#child.kill(signal);
+  }
+
+  /** Waits for the exit (SIGKILL and failure after `ms`) and returns all it wrote. */
+  async finish(ms = WAIT_MS): Promise<Finished> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<"timeout">((resolve) => {
+      timer = setTimeout(() => resolve("timeout"), ms);
+    });
+    const outcome = await Promise.race([this.#status, timeout]);
+    clearTimeout(timer);
+    if (outcome === "timeout") {
+      this.kill("SIGKILL");
+      await this.#settle();
+      assert.fail(`${this.#describe()} still running after ${ms} ms; stderr:\n${this.#stderr}`);
+    }
+    await this.#settle();
+    return {
+      code: outcome.code,
+      signal: outcome.signal,
+      stdout: this.stdout,
+      stderr: this.#stderr,
+    };
+  }
+
+  async #settle(): Promise<void> {
+    if (this.#stdinOpen) {
+      this.#stdinOpen = false;
+      await this.#child.stdin.close().catch(() => {});
+    }
+    await Promise.all([this.#status, this.#stdoutDone, this.#stderrDone, this.#feeding]);
+  }
+
+  /** Kills the process if it still runs and waits until everything about it is closed. */
+  async dispose(): Promise<void> {
+    if (!this.#exited) {
+      try {
+        this.kill("SIGKILL");
+      } catch {
+        // it exited in the meantime
+      }
+    }
+    await this.#settle().catch(() => {});
+  }
+}
+
+interface Scope {
+  /** A fresh temporary directory, removed at the end. */
+  dir: string;
+  /** `${dir}/broker.socket` */
+  socket: string;
+  /** Starts `one-socket ...args`; the scope kills and awaits it at the end. */
+  spawn(args: string[], options?: SpawnOptions): Cli;
+}
+
+async function withScope(body: (scope: Scope) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "one-socket-cli-" });
+  const processes: Cli[] = [];
+  try {
+    await body({
+      dir,
+      socket: `${dir}/broker.socket`,
+      spawn(args, options) {
+        const cli = new Cli(args, options);
+        processes.push(cli);
+        return cli;
+      },
+    });
+  } finally {
+    await Promise.all(processes.map((cli) => cli.dispose()));
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+function isSocket(path: string): boolean {
+  try {
+    return Deno.lstatSync(path).isSocket === true;
+  } catch {
+    return false;
+  }
+}
+
+function exists(path: string): boolean {
+  try {
+    Deno.lstatSync(path);
+    return true;
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return false;
+    throw error;
+  }
+}
+
+/** Starts a broker and waits (bounded) for its socket file to appear. */
+async function startBroker(
+  scope: Scope,
+  args: string[] = ["--socket", scope.socket],
+  options: SpawnOptions & { path?: string } = {},
+): Promise<Cli> {
+  const path = options.path ?? scope.socket;
+  const broker = scope.spawn(["broker", ...args], options);
+  await broker.waitUntil(`socket file ${path}`, () => isSocket(path));
+  return broker;
+}
+
+function randomBytes(length: number): Uint8Array {
+  const bytes = new Uint8Array(length);
+  for (let offset = 0; offset < length; offset += 65536) {
+    crypto.getRandomValues(bytes.subarray(offset, offset + 65536));
+  }
+  return bytes;
+}
+
+/** Byte equality with a short message (no megabyte dumps). */
+function assertBytes(actual: Uint8Array, expected: Uint8Array, label: string): void {
+  assert.equal(actual.length, expected.length, `${label}: length`);
+  const at = actual.findIndex((byte, i) => byte !== expected[i]);
+  assert.equal(at, -1, `${label}: first difference at byte ${at}`);
+}
+
+/** The lines of a process's stderr, without the empty ones. */
+function lines(text: string): string[] {
+  return text.split("\n").filter((line) => line.trim() !== "");
+}
+
+interface Peer {
+  /** Arguments after `pair`. */
+  args: string[];
+  /** What it writes to its standard input. */
+  data: Uint8Array;
+}
+
+/**
+ * Runs two `pair` processes at once and checks the bridge: each one's stdout
+ * is what the other wrote to its stdin, both exit 0, quietly.
+ */
+async function exchange(
+  scope: Scope,
+  a: Peer,
+  b: Peer,
+  env?: Record<string, string>,
+): Promise<void> {
+  const [first, second] = [a, b].map((peer) =>
+    scope.spawn(["pair", ...peer.args], { stdin: true, env })
+  );
+  const [, , doneA, doneB] = await Promise.all([
+    first.feed(a.data),
+    second.feed(b.data),
+    first.finish(),
+    second.finish(),
+  ]);
+  for (const [cli, done] of [[first, doneA], [second, doneB]] as const) {
+    const name = `pair ${cli.args.join(" ")}`;
+    assert.equal(done.code, 0, `${name} exit code; stderr:\n${done.stderr}`);
+    assert.equal(done.stderr, "", `${name} stderr`);
+    assert.equal(cli.feedError, undefined, `${name} stdin`);
+  }
+  assertBytes(doneB.stdout, a.data, `what pair ${b.args.join(" ")} printed`);
+  assertBytes(doneA.stdout, b.data, `what pair ${a.args.join(" ")} printed`);
+}
+
+/** A short exchange proving the broker at `socket` serves. */
+function smallExchange(scope: Scope, socket: string, key: string): Promise<void> {
+  return exchange(
+    scope,
+    { args: [key, "--mode", "server", "--socket", socket], data: encoder.encode("ping\n") },
+    { args: [key, "--mode", "client", "--socket", socket], data: encoder.encode("pong\n") },
+  );
+}
+
+/** Stops a broker with `signal`; it must exit 0 and leave no socket file. */
+async function stopBroker(broker: Cli, path: string, signal: Deno.Signal): Promise<Finished> {
+  broker.kill(signal);
+  const done = await broker.finish();
+  assert.equal(done.code, 0, `broker exit code after ${signal}; stderr:\n${done.stderr}`);
+  assert.equal(done.signal, null);
+  assert.ok(!exists(path), `socket file ${path} left behind after ${signal}`);
+  return done;
+}
+
+// --- 1. pair bridges bytes both ways -----------------------------------------------------------
+
+Deno.test("cli: pair server+client bridges stdin/stdout both ways", async () => {
+  await withScope(async (scope) => {
+    const broker = await startBroker(scope);
+    await exchange(
+      scope,
+      {
+        args: ["vhost-user-1", "--mode", "server", "--socket", scope.socket],
+        data: encoder.encode("hello from the server\n"),
+      },
+      {
+        args: ["vhost-user-1", "--mode", "client", "--socket", scope.socket],
+        data: encoder.encode("hello from the client\nand a second line\n"),
+      },
+    );
+    await stopBroker(broker, scope.socket, "SIGTERM");
+  });
+});
+
+Deno.test("cli: pair none+none carries 1 MiB one way and nothing the other", async () => {
+  await withScope(async (scope) => {
+    const broker = await startBroker(scope);
+    await exchange(
+      scope,
+      { args: ["bulk", "--socket", scope.socket], data: randomBytes(1024 * 1024) },
+      { args: ["bulk", "--mode", "none", "--socket", scope.socket], data: new Uint8Array() },
+    );
+    await stopBroker(broker, scope.socket, "SIGTERM");
+  });
+});
+
+Deno.test("cli: pair carries 1 MiB and 300 KiB in opposite directions at once", async () => {
+  await withScope(async (scope) => {
+    const broker = await startBroker(scope);
+    await exchange(
+      scope,
+      { args: ["both", "--mode", "client", "--socket", scope.socket], data: randomBytes(1 << 20) },
+      { args: ["both", "--mode", "server", "--socket", scope.socket], data: randomBytes(300_000) },
+    );
+    await stopBroker(broker, scope.socket, "SIGTERM");
+  });
+});
+
+// --- 2. ONE_SOCKET_PATH ------------------------------------------------------------------------
+
+Deno.test("cli: broker and pair use ONE_SOCKET_PATH when --socket is absent", async () => {
+  await withScope(async (scope) => {
+    const path = `${scope.dir}/from-env.socket`;
+    const env = { ONE_SOCKET_PATH: path };
+    const broker = await startBroker(scope, [], { env, path });
+    assert.ok(!exists(scope.socket));
+    await exchange(
+      scope,
+      { args: ["env-key"], data: encoder.encode("via env A") },
+      { args: ["env-key"], data: encoder.encode("via env B") },
+      env,
+    );
+    // --socket wins over the environment.
+    await smallExchange(scope, path, "explicit");
+    await stopBroker(broker, path, "SIGTERM");
+  });
+});
+
+// --- 3. signals --------------------------------------------------------------------------------
+
+for (const signal of ["SIGTERM", "SIGINT"] as const) {
+  Deno.test(`cli: broker stops on ${signal} with exit 0 and removes its socket`, async () => {
+    await withScope(async (scope) => {
+      const broker = await startBroker(scope, ["--socket", scope.socket, "--log-level", "debug"]);
+      // A client left waiting is told, not left hanging: the broker closes it.
+      const waiting = scope.spawn(["pair", "lonely", "--socket", scope.socket], { stdin: true });
+      await broker.waitForOutput("waits on key");
+      await stopBroker(broker, scope.socket, signal);
+      assert.match(broker.output, /stopped listening on .*; closed 1 client connection/);
+      const left = await waiting.finish();
+      assert.notEqual(left.code, 0);
+      assert.equal(lines(left.stderr).length, 1, `one line expected:\n${left.stderr}`);
+      assert.match(left.stderr, /closed the connection/);
+      assert.ok(left.stderr.includes(scope.socket), left.stderr);
+    });
+  });
+}
+
+// --- 4. a second broker on the same path ---------------------------------------------------------
+
+Deno.test("cli: a second broker on a live socket exits 1; the first keeps serving", async () => {
+  await withScope(async (scope) => {
+    const first = await startBroker(scope);
+    const inode = Deno.lstatSync(scope.socket).ino;
+    const second = scope.spawn(["broker", "--socket", scope.socket]);
+    const refused = await second.finish();
+    assert.equal(refused.code, 1, `second broker exit code; stderr:\n${refused.stderr}`);
+    const errorLines = lines(refused.stderr);
+    assert.equal(errorLines.length, 1, `one line expected:\n${refused.stderr}`);
+    assert.ok(errorLines[0].includes(scope.socket), errorLines[0]);
+    assert.match(errorLines[0], /already listening/);
+    assert.ok(!first.exited);
+    assert.equal(Deno.lstatSync(scope.socket).ino, inode, "the live socket file was replaced");
+    await smallExchange(scope, scope.socket, "still-serving");
+    await stopBroker(first, scope.socket, "SIGTERM");
+  });
+});
+
+// --- 5. a stale socket file --------------------------------------------------------------------
+
+Deno.test("cli: a stale socket file (broker SIGKILLed) is replaced", async () => {
+  await withScope(async (scope) => {
+    // Deno unlinks the file when its own listener closes, so a killed broker makes the stale file.
+    const crashed = await startBroker(scope);
+    crashed.kill("SIGKILL");
+    assert.equal((await crashed.finish()).signal, "SIGKILL");
+    assert.ok(isSocket(scope.socket), "SIGKILL should leave the socket file behind");
+
+    // Nobody listens: a client says so in one line.
+    const refused = await scope.spawn(["pair", "k", "--socket", scope.socket]).finish();
+    assert.notEqual(refused.code, 0);
+    assert.equal(lines(refused.stderr).length, 1, `one line expected:\n${refused.stderr}`);
+    assert.match(refused.stderr, /ECONNREFUSED/);
+    assert.ok(refused.stderr.includes(scope.socket), refused.stderr);
+
+    const broker = scope.spawn(["broker", "--socket", scope.socket]);
+    await broker.waitForOutput("listening on");
+    assert.match(broker.output, /replacing stale socket file/);
+    assert.ok(isSocket(scope.socket));
+    // (No inode comparison: tmpfs hands the freed inode number straight back.)
+    await smallExchange(scope, scope.socket, "after-stale");
+    await stopBroker(broker, scope.socket, "SIGINT");
+  });
+});
+
+// --- 6. a path that is not a socket ------------------------------------------------------------
+
+Deno.test("cli: broker refuses a regular file or a directory at its path", async () => {
+  await withScope(async (scope) => {
+    const file = `${scope.dir}/not-a-socket`;
+    const content = encoder.encode("precious data\n");
+    await Deno.writeFile(file, content);
+    const directory = `${scope.dir}/a-directory`;
+    await Deno.mkdir(directory);
+
+    const [onFile, onDirectory] = await Promise.all(
+      [file, directory].map((path) => scope.spawn(["broker", "--socket", path]).finish()),
+    );
+    for (const [done, path] of [[onFile, file], [onDirectory, directory]] as const) {
+      assert.equal(done.code, 1, `broker on ${path}: exit code; stderr:\n${done.stderr}`);
+      const errorLines = lines(done.stderr);
+      assert.equal(errorLines.length, 1, `one line expected:\n${done.stderr}`);
+      assert.ok(errorLines[0].includes(path), errorLines[0]);
+      assert.match(errorLines[0], /not a socket/);
+    }
+    assertBytes(await Deno.readFile(file), content, "the regular file");
+    assert.ok(Deno.lstatSync(file).isFile);
+    assert.ok(Deno.lstatSync(directory).isDirectory);
+  });
+});
+
+// --- 7. no broker ------------------------------------------------------------------------------
+
+Deno.test("cli: pair without a broker fails with one line naming ENOENT and the path", async () => {
+  await withScope(async (scope) => {
+    const path = `${scope.dir}/missing.socket`;
+    const viaFlag = scope.spawn(["pair", "k", "--socket", path], { stdin: true });
+    const viaEnv = scope.spawn(["pair", "k"], { stdin: true, env: { ONE_SOCKET_PATH: path } });
+    for (const done of await Promise.all([viaFlag.finish(), viaEnv.finish()])) {
+      assert.notEqual(done.code, 0);
+      assert.equal(done.stdout.length, 0);
+      const errorLines = lines(done.stderr);
+      assert.equal(errorLines.length, 1, `one line expected:\n${done.stderr}`);
+      assert.equal(done.stderr, `${errorLines[0]}\n`);
+      assert.match(errorLines[0], /ENOENT/);
+      assert.ok(errorLines[0].includes(path), errorLines[0]);
+    }
+    assert.ok(!exists(path));
+  });
+});
+
+// --- 8. usage, help, version -------------------------------------------------------------------
+
+Deno.test("cli: usage errors exit 2 with a usage message", async () => {
+  await withScope(async (scope) => {
+    const socket = scope.socket;
+    const cases: [args: string[], usage: string, reason?: RegExp][] = [
+      [[], "Usage: one-socket COMMAND"],
+      [["frobnicate"], "Usage: one-socket COMMAND", /unknown command frobnicate/],
+      [["broker", "--bogus", "--socket", socket], "Usage: one-socket broker", /bogus/],
+      [["broker", "extra", "--socket", socket], "Usage: one-socket broker", /extra/],
+      [["broker", "--log-format", "xml", "--socket", socket], "Usage: one-socket broker", /xml/],
+      [["broker", "--log-level", "loud", "--socket", socket], "Usage: one-socket broker", /loud/],
+      [["broker", "--socket"], "Usage: one-socket broker", /socket/],
+      [["pair", "k", "--bogus", "--socket", socket], "Usage: one-socket pair", /bogus/],
+      [["pair", "--socket", socket], "Usage: one-socket pair", /missing KEY/],
+      [["pair"], "Usage: one-socket pair", /missing KEY/],
+      [["pair", "a", "b", "--socket", socket], "Usage: one-socket pair"],
+      [
+        ["pair", "k", "--mode", "sideways", "--socket", socket],
+        "Usage: one-socket pair",
+        /sideways/,
+      ],
+      [["pair", "k", "--mode"], "Usage: one-socket pair", /mode/],
+    ];
+    const results = await Promise.all(cases.map(([args]) => scope.spawn(args).finish()));
+    cases.forEach(([args, usage, reason], i) => {
+      const done = results[i];
+      const name = `one-socket ${args.join(" ")}`;
+      assert.equal(done.code, 2, `${name}: exit code; stderr:\n${done.stderr}`);
+      assert.ok(done.stderr.includes(usage), `${name}: no "${usage}" in stderr:\n${done.stderr}`);
+      if (reason) assert.match(done.stderr, reason, `${name}: stderr`);
+      assert.equal(done.stdout.length, 0, `${name}: stdout`);
+    });
+    assert.ok(!exists(socket), "a usage error must not start a broker");
+  });
+});
+
+Deno.test("cli: --version, help and --help exit 0 on stdout", async () => {
+  await withScope(async (scope) => {
+    const runs = [["--version"], ["help"], ["broker", "--help"], ["pair", "--help"]];
+    const [version, help, brokerHelp, pairHelp] = await Promise.all(
+      runs.map((args) => scope.spawn(args).finish()),
+    );
+    for (const [i, done] of [version, help, brokerHelp, pairHelp].entries()) {
+      assert.equal(done.code, 0, `one-socket ${runs[i].join(" ")}; stderr:\n${done.stderr}`);
+      assert.equal(done.stderr, "", `one-socket ${runs[i].join(" ")}: stderr`);
+    }
+    assert.equal(decoder.decode(version.stdout), `one-socket ${denoConfig.version}\n`);
+    const helpText = decoder.decode(help.stdout);
+    assert.match(helpText, /Usage: one-socket COMMAND/);
+    for (const word of ["broker", "pair", "help", "--version", "ONE_SOCKET_PATH"]) {
+      assert.ok(helpText.includes(word), `help mentions ${word}`);
+    }
+    assert.match(decoder.decode(brokerHelp.stdout), /Usage: one-socket broker/);
+    assert.match(decoder.decode(pairHelp.stdout), /Usage: one-socket pair KEY/);
+  });
+});
+
+// --- 9. JSON logs ------------------------------------------------------------------------------
+
+Deno.test("cli: --log-format json writes one JSON object per stderr line", async () => {
+  await withScope(async (scope) => {
+    const broker = await startBroker(scope, ["--socket", scope.socket, "--log-format", "json"]);
+    await broker.waitForOutput("listening on");
+    await smallExchange(scope, scope.socket, "json");
+    const done = await stopBroker(broker, scope.socket, "SIGTERM");
+    assert.equal(
+      decoder.decode(done.stdout),
+      "",
+      "the broker's stdout must stay empty: its log goes to stderr",
+    );
+    assert.ok(done.stderr.endsWith("\n"), `stderr ends with a newline:\n${done.stderr}`);
+    const records = lines(done.stderr).map((line) => {
+      try {
+        return JSON.parse(line) as Record<string, unknown>;
+      } catch {
+        return assert.fail(`not a JSON line: ${line}`);
+      }
+    });
+    for (const record of records) {
+      assert.equal(typeof record.message, "string");
+      assert.equal(typeof record.level, "string");
+      assert.equal(typeof record["@timestamp"], "string");
+      assert.ok(!Number.isNaN(Date.parse(record["@timestamp"] as string)));
+    }
+    const listening = records.find((r) => (r.message as string).startsWith("listening on"));
+    assert.ok(listening, `no listening record in:\n${done.stderr}`);
+    assert.equal(listening.level, "INFO");
+    assert.equal(listening.logger, "one-socket.broker");
+    assert.ok((listening.message as string).includes(scope.socket));
+    assert.deepEqual(listening.properties, { path: scope.socket });
+    assert.ok(
+      records.some((r) => (r.message as string).startsWith("stopped listening")),
+      `no shutdown record in:\n${done.stderr}`,
+    );
+  });
+});
