@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { BrokerClosedError, connectBroker, getPair } from "../client/pair.ts";
-import { PairedSocket } from "../client/paired_socket.ts";
+import type { PairedSocket } from "../client/paired_socket.ts";
 import { encodeSetPair, ProtocolError } from "../client/protocol.ts";
 import { OsError } from "../ffi/errors.ts";
 import { Reactor } from "../ffi/reactor.ts";
