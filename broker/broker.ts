@@ -2,8 +2,9 @@
  * {@link Broker}: owns the listening socket and every client connection.
  *
  * The life of one pairing, all synchronous once the reactor reports
- * readiness: accept → receive and frame the `GET_PAIR` → validate →
- * match → `socketpair` → `SET_PAIR` with one end to each → close.
+ * readiness: accept → receive and frame the `GET_PAIR` → validate → admit
+ * (policy, limits) → match → `socketpair` → `SET_PAIR` with one end to each
+ * → close.
  *
  * @module
  */
@@ -27,22 +28,63 @@ import {
   connectUnix,
   createSocketPair,
   listenUnix,
+  peerCredentials,
   receiveMessage,
   sendMessage,
-  type UnixSocket,
+  setNonblocking,
+  UnixSocket,
   unlinkPath,
 } from "../ffi/socket.ts";
-import { MessageHeader } from "../ffi/structs.ts";
+import { MessageHeader, type PeerCredentials } from "../ffi/structs.ts";
 import { Matcher, type Waiter } from "./matcher.ts";
+import { BrokerMetrics, type DropReason } from "./metrics.ts";
 
 const logger = getLogger(["one-socket", "broker"]);
+
+/** A request the broker is about to admit, for an {@link Authorizer}. */
+export interface AccessRequest {
+  /** The requested key. */
+  key: Uint8Array;
+  /** The requested mode. */
+  mode: Mode;
+  /** The client's credentials as of its `connect`. */
+  peer: PeerCredentials;
+}
+
+/** What an {@link Authorizer} decided. */
+export interface AccessDecision {
+  /** Whether the request may wait or pair. */
+  allowed: boolean;
+  /** The rule that decided, for the log line. */
+  rule: string;
+  /** With `isolateUids`: this key may pair across uids. */
+  crossUid?: boolean;
+}
+
+/** Decides whether a request is admitted (an access policy, say). */
+export type Authorizer = (request: AccessRequest) => AccessDecision;
 
 /** Options for {@link Broker.listen}. */
 export interface BrokerOptions {
   /** Socket path to listen on; a leading `@` names a Linux abstract socket. */
   path: string;
+  /**
+   * An already listening socket to serve instead of binding `path` (systemd
+   * socket activation). The broker then never removes the socket file.
+   */
+  listenFd?: number;
   /** Listen backlog (the kernel caps it at `net.core.somaxconn`). Default 4096. */
   backlog?: number;
+  /** Milliseconds a connection has to complete its request. Default 5000. */
+  handshakeTimeoutMs?: number;
+  /** Milliseconds a request may wait for a partner; default forever. */
+  pairTimeoutMs?: number;
+  /** Most clients of one uid waiting at once; default unlimited. */
+  maxWaitingPerUid?: number;
+  /** Pair only clients of the same uid, unless the authorizer allows a key across uids. */
+  isolateUids?: boolean;
+  /** Admission check for every request (see `broker/policy.ts`). */
+  authorize?: Authorizer;
 }
 
 /** Counters of a running broker. */
@@ -59,15 +101,33 @@ export interface BrokerStats {
   waiting: number;
 }
 
+/** A client waiting for its partner, as listed by {@link Broker.waitingClients}. */
+export interface WaitingClient {
+  /** The broker's id for the connection (for {@link Broker.kick}). */
+  id: number;
+  /** The requested key. */
+  key: Uint8Array;
+  /** The requested mode. */
+  mode: Mode;
+  /** When it started waiting. */
+  since: Date;
+  /** Its credentials as of its `connect`. */
+  peer: PeerCredentials;
+}
+
 /** How long accepting pauses when descriptors run out, so that we do not spin. */
 const ACCEPT_PAUSE_MS = 100;
 /** Descriptors accepted with a request; the kernel closes any beyond this. */
 const MAX_RECEIVED_DESCRIPTORS = 8;
+/** How often deadlines are checked: timeouts are honoured to within this. */
+const SWEEP_INTERVAL_MS = 250;
 
 /** One client connection, from accept to close. */
 class Connection {
   readonly id: number;
   readonly fd: number;
+  /** `performance.now()` at accept, then when it started waiting. */
+  since: number;
   watch!: Watch;
   /** Bytes of the request frame received so far. */
   received = 0;
@@ -75,10 +135,25 @@ class Connection {
   frame?: Uint8Array;
   /** Set once its request is filed in the matcher. */
   waiter?: Waiter<Connection>;
+  /** Its matcher key carries a uid prefix (`isolateUids`). */
+  scoped = false;
+  #peer?: PeerCredentials;
 
-  constructor(id: number, fd: number) {
+  constructor(id: number, fd: number, now: number) {
     this.id = id;
     this.fd = fd;
+    this.since = now;
+  }
+
+  /** `SO_PEERCRED`, read on first use: the kernel keeps the values from connect time. */
+  get peer(): PeerCredentials {
+    return this.#peer ??= peerCredentials(this.fd);
+  }
+
+  /** The key it waits on, as the client sent it. */
+  get key(): Uint8Array {
+    const key = this.waiter!.key;
+    return this.scoped ? key.subarray(4) : key;
   }
 }
 
@@ -104,34 +179,51 @@ class Connection {
 export class Broker implements AsyncDisposable {
   /** The socket path it listens on. */
   readonly path: string;
+  /** Counters and histograms, for metrics. */
+  readonly metrics: BrokerMetrics = new BrokerMetrics();
+  /** When it started serving. */
+  readonly startedAt: Date = new Date();
+  readonly #ownsPath: boolean;
   readonly #listener: UnixSocket;
   readonly #listenWatch: Watch;
+  readonly #options: Required<Pick<BrokerOptions, "handshakeTimeoutMs">> & BrokerOptions;
   readonly #matcher = new Matcher<Connection>();
-  readonly #connections = new Set<Connection>();
+  readonly #connections = new Map<number, Connection>();
+  // Both in arrival order, so a sweep stops at the first connection not yet due.
+  readonly #handshaking = new Set<Connection>();
+  readonly #waiting = new Set<Connection>();
+  readonly #waitingPerUid = new Map<number, number>();
   // One receive and one send header for the whole broker: every call is synchronous.
   readonly #inbound = new MessageHeader(new Uint8Array(MESSAGE_SIZE), MAX_RECEIVED_DESCRIPTORS);
   readonly #outbound = new MessageHeader(encodeSetPair() as Uint8Array<ArrayBuffer>, 1);
   readonly #pair = new Int32Array(2);
+  readonly #sweepTimer: ReturnType<typeof setInterval>;
   #nextId = 1;
-  #accepted = 0;
-  #paired = 0;
-  #rejected = 0;
   #acceptPaused = false;
   #closing?: Promise<void>;
 
-  private constructor(path: string, listener: UnixSocket) {
-    this.path = path;
+  private constructor(options: BrokerOptions, listener: UnixSocket, ownsPath: boolean) {
+    this.path = options.path;
+    this.#options = { handshakeTimeoutMs: 5000, ...options };
     this.#listener = listener;
-    this.#outbound.prepareSend(MESSAGE_SIZE, -1);
+    this.#ownsPath = ownsPath;
     this.#listenWatch = Reactor.instance().watch(listener.fd, EPOLLIN, () => this.#acceptAll());
+    // Deadlines alone must not keep the process alive.
+    this.#sweepTimer = setInterval(() => this.#sweep(), SWEEP_INTERVAL_MS).unref();
   }
 
   /**
-   * Binds `path` and starts serving. A stale socket file (nobody listening) is
-   * replaced; a live broker's socket, or a path that is not a socket, is not.
+   * Binds `path` (or adopts `listenFd`) and starts serving. A stale socket
+   * file (nobody listening) is replaced; a live broker's socket, or a path
+   * that is not a socket, is not.
    */
   static async listen(options: BrokerOptions): Promise<Broker> {
-    const { path, backlog = 4096 } = options;
+    const { path, backlog = 4096, listenFd } = options;
+    if (listenFd !== undefined) {
+      setNonblocking(listenFd);
+      logger.info("serving inherited socket {path} (fd {fd})", { path, fd: listenFd });
+      return new Broker(options, new UnixSocket(listenFd), false);
+    }
     let listener: UnixSocket;
     try {
       listener = listenUnix(path, backlog);
@@ -145,26 +237,51 @@ export class Broker implements AsyncDisposable {
       listener = listenUnix(path, backlog);
     }
     logger.info("listening on {path}", { path });
-    return new Broker(path, listener);
+    return new Broker(options, listener, !path.startsWith("@"));
   }
 
   /** Current counters. */
   get stats(): BrokerStats {
     return {
-      accepted: this.#accepted,
-      paired: this.#paired,
-      rejected: this.#rejected,
+      accepted: this.metrics.accepted,
+      paired: this.metrics.paired,
+      rejected: this.metrics.rejected,
       open: this.#connections.size,
       waiting: this.#matcher.size,
     };
   }
 
+  /** Waiting clients by mode. */
+  waitingByMode(): Record<Mode, number> {
+    return this.#matcher.countByMode();
+  }
+
+  /** Every client waiting for a partner, oldest first. */
+  waitingClients(): WaitingClient[] {
+    return [...this.#waiting].map((connection) => ({
+      id: connection.id,
+      key: connection.key,
+      mode: connection.waiter!.mode,
+      since: new Date(performance.timeOrigin + connection.since),
+      peer: connection.peer,
+    }));
+  }
+
+  /** Disconnects the client with `id`; false if no such connection is open. */
+  kick(id: number): boolean {
+    const connection = this.#connections.get(id);
+    if (connection === undefined) return false;
+    logger.info("disconnecting client {id} on request", { id });
+    this.#disconnect(connection);
+    return true;
+  }
+
   /**
    * Stops accepting, closes every client connection and removes the socket
-   * file. Waiting clients see end of stream and may reconnect elsewhere.
+   * file it created. Waiting clients see end of stream and may reconnect.
    */
   close(): Promise<void> {
-    return this.#closing ??= this.#shutdown();
+    return this.#closing ??= Promise.resolve().then(() => this.#shutdown());
   }
 
   /** Same as {@link close}. */
@@ -172,13 +289,13 @@ export class Broker implements AsyncDisposable {
     return this.close();
   }
 
-  // deno-lint-ignore require-await
-  async #shutdown(): Promise<void> {
+  #shutdown(): void {
+    clearInterval(this.#sweepTimer);
     this.#listenWatch.cancel(true);
     this.#listener.close();
-    if (!this.path.startsWith("@")) unlinkPath(this.path);
+    if (this.#ownsPath) unlinkPath(this.path);
     const open = this.#connections.size;
-    for (const connection of this.#connections) this.#disconnect(connection);
+    for (const connection of this.#connections.values()) this.#disconnect(connection);
     logger.info("stopped listening on {path}; closed {open} client connections", {
       path: this.path,
       open,
@@ -186,10 +303,11 @@ export class Broker implements AsyncDisposable {
   }
 
   #acceptAll(): void {
+    const now = performance.now();
     for (;;) {
       const fd = acceptConnection(this.#listener.fd);
       if (fd >= 0) {
-        this.#admit(fd);
+        this.#admit(fd, now);
         continue;
       }
       if (fd === -Errno.EAGAIN) return;
@@ -202,10 +320,11 @@ export class Broker implements AsyncDisposable {
     }
   }
 
-  // Out of descriptors: a level-triggered listener would spin. Wait for clients to leave.
+  // Out of descriptors: a level-triggered listener would spin. Serve who is here, then resume.
   #pauseAccepting(errno: number): void {
     if (this.#acceptPaused) return;
     this.#acceptPaused = true;
+    this.metrics.acceptPauses++;
     logger.error("accept4 {path}: {code}; pausing accepts for {ms} ms ({open} connections open)", {
       path: this.path,
       code: errnoName(errno),
@@ -216,19 +335,20 @@ export class Broker implements AsyncDisposable {
     setTimeout(() => {
       this.#acceptPaused = false;
       if (this.#closing === undefined) this.#listenWatch.modify(EPOLLIN);
-    }, ACCEPT_PAUSE_MS);
+    }, ACCEPT_PAUSE_MS).unref();
   }
 
-  #admit(fd: number): void {
-    this.#accepted++;
-    const connection = new Connection(this.#nextId++, fd);
+  #admit(fd: number, now: number): void {
+    this.metrics.accepted++;
+    const connection = new Connection(this.#nextId++, fd, now);
     connection.watch = Reactor.instance().watch(
       fd,
       EPOLLIN | EPOLLRDHUP,
       () => this.#onReadable(connection),
     );
     connection.watch.referenced = false;
-    this.#connections.add(connection);
+    this.#connections.set(connection.id, connection);
+    this.#handshaking.add(connection);
   }
 
   #onReadable(connection: Connection): void {
@@ -292,23 +412,77 @@ export class Broker implements AsyncDisposable {
       return;
     }
     connection.frame = undefined;
-    this.#pairOrWait(connection, request.key, request.mode);
+    this.#handshaking.delete(connection);
+    const key = this.#admitRequest(connection, request.key, request.mode);
+    if (key !== undefined) this.#pairOrWait(connection, key, request.mode);
+  }
+
+  /**
+   * Applies the authorizer and uid isolation. Returns the key as the matcher
+   * should see it, or undefined when the client was dropped.
+   */
+  #admitRequest(connection: Connection, key: Uint8Array, mode: Mode): Uint8Array | undefined {
+    const { authorize, isolateUids } = this.#options;
+    if (authorize === undefined && !isolateUids) return key;
+    let crossUid = false;
+    if (authorize) {
+      const decision = authorize({ key, mode, peer: connection.peer });
+      if (!decision.allowed) {
+        this.#drop(
+          connection,
+          "policy",
+          `key "${describeKey(key)}" as ${mode} denied by ${decision.rule}`,
+        );
+        return undefined;
+      }
+      crossUid = decision.crossUid ?? false;
+    }
+    if (!isolateUids || crossUid) return key;
+    connection.scoped = true;
+    return scoped(key, connection.peer.uid);
   }
 
   #pairOrWait(connection: Connection, key: Uint8Array, mode: Mode): void {
     for (;;) {
       const found = this.#matcher.take(key, mode, connection);
       if (found.waiting) {
-        connection.waiter = found;
-        logger.debug(`client {id} waits on key "{key}" as {mode}`, {
-          id: connection.id,
-          key: describeKey(key),
-          mode,
-        });
+        if (this.#overUidLimit(connection)) {
+          found.cancel();
+          this.#drop(
+            connection,
+            "uid_limit",
+            `uid ${connection.peer.uid} already has ${this.#options.maxWaitingPerUid} clients waiting`,
+          );
+          return;
+        }
+        this.#startWaiting(connection, found);
         return;
       }
       // A partner that has gone away fails before anything was delivered: try the next.
       if (this.#deliver(found.item, connection, key)) return;
+    }
+  }
+
+  /** Whether one more waiting client would exceed its uid's limit (a request that pairs never does). */
+  #overUidLimit(connection: Connection): boolean {
+    const limit = this.#options.maxWaitingPerUid;
+    return limit !== undefined && (this.#waitingPerUid.get(connection.peer.uid) ?? 0) >= limit;
+  }
+
+  #startWaiting(connection: Connection, waiter: Waiter<Connection>): void {
+    connection.waiter = waiter;
+    connection.since = performance.now();
+    this.#waiting.add(connection);
+    if (this.#options.maxWaitingPerUid !== undefined) {
+      const uid = connection.peer.uid;
+      this.#waitingPerUid.set(uid, (this.#waitingPerUid.get(uid) ?? 0) + 1);
+    }
+    if (logger.isEnabledFor("debug")) {
+      logger.debug(`client {id} waits on key "{key}" as {mode}`, {
+        id: connection.id,
+        key: describeKey(connection.key),
+        mode: waiter.mode,
+      });
     }
   }
 
@@ -335,6 +509,21 @@ export class Broker implements AsyncDisposable {
     const toNewcomer = toPartner < 0 ? 0 : this.#sendSetPair(newcomer, pair[1]);
     closeDescriptor(pair[0]);
     closeDescriptor(pair[1]);
+    const waited = performance.now() - partner.since;
+    if (toPartner === 0 && toNewcomer === 0 && logger.isEnabledFor("debug")) {
+      logger.debug(
+        `paired client {a} (pid {pidA}, uid {uidA}) and {b} (pid {pidB}, uid {uidB}) on key "{key}"`,
+        {
+          a: partner.id,
+          pidA: partner.peer.pid,
+          uidA: partner.peer.uid,
+          b: newcomer.id,
+          pidB: newcomer.peer.pid,
+          uidB: newcomer.peer.uid,
+          key: describeKey(key),
+        },
+      );
+    }
     this.#disconnect(partner);
     if (toPartner < 0) {
       logger.debug("client {id} left before its pair arrived ({code})", {
@@ -352,12 +541,8 @@ export class Broker implements AsyncDisposable {
       });
       return true;
     }
-    this.#paired++;
-    logger.debug(`paired clients {a} and {b} on key "{key}"`, {
-      a: partner.id,
-      b: newcomer.id,
-      key: describeKey(key),
-    });
+    this.metrics.paired++;
+    this.metrics.pairWait.observe(waited / 1000);
     return true;
   }
 
@@ -370,18 +555,67 @@ export class Broker implements AsyncDisposable {
   }
 
   #reject(connection: Connection, error: ProtocolError): void {
-    this.#rejected++;
+    this.metrics.countProtocolError(error.field);
     logger.warn("closing client {id}: {reason}", { id: connection.id, reason: error.message });
     this.#disconnect(connection);
   }
 
-  /** Where every client descriptor is closed: exactly once, leaving the matcher too. */
+  #drop(connection: Connection, reason: DropReason, detail: string): void {
+    this.metrics.countDrop(reason);
+    logger.warn("closing client {id} (pid {pid}, uid {uid}): {detail}", {
+      id: connection.id,
+      pid: connection.peer.pid,
+      uid: connection.peer.uid,
+      detail,
+    });
+    this.#disconnect(connection);
+  }
+
+  /** Closes connections past their handshake or pair deadline. */
+  #sweep(): void {
+    const now = performance.now();
+    const handshakeDeadline = now - this.#options.handshakeTimeoutMs;
+    for (const connection of this.#handshaking) {
+      if (connection.since > handshakeDeadline) break;
+      this.#drop(
+        connection,
+        "handshake_timeout",
+        `no complete request within ${this.#options.handshakeTimeoutMs} ms (${connection.received} bytes)`,
+      );
+    }
+    const pairTimeout = this.#options.pairTimeoutMs;
+    if (pairTimeout === undefined) return;
+    for (const connection of this.#waiting) {
+      if (connection.since > now - pairTimeout) break;
+      this.#drop(connection, "pair_timeout", `no partner within ${pairTimeout} ms`);
+    }
+  }
+
+  /** Where every client descriptor is closed: exactly once, leaving every table. */
   #disconnect(connection: Connection): void {
-    if (!this.#connections.delete(connection)) return;
-    connection.waiter?.cancel();
+    if (!this.#connections.delete(connection.id)) return;
+    this.#handshaking.delete(connection);
+    if (connection.waiter !== undefined) {
+      connection.waiter.cancel();
+      this.#waiting.delete(connection);
+      if (this.#options.maxWaitingPerUid !== undefined) {
+        const uid = connection.peer.uid;
+        const left = (this.#waitingPerUid.get(uid) ?? 1) - 1;
+        if (left > 0) this.#waitingPerUid.set(uid, left);
+        else this.#waitingPerUid.delete(uid);
+      }
+    }
     connection.watch.cancel(true);
     closeDescriptor(connection.fd);
   }
+}
+
+/** The key prefixed with the uid, so that only clients of one uid can match it. */
+function scoped(key: Uint8Array, uid: number): Uint8Array {
+  const result = new Uint8Array(4 + key.length);
+  new DataView(result.buffer).setUint32(0, uid);
+  result.set(key, 4);
+  return result;
 }
 
 /** Throws unless a connect to `path` is refused, i.e. nobody listens behind the file. */

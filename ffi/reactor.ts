@@ -13,7 +13,6 @@
  */
 
 import { getLogger } from "@logtape/logtape";
-import { setImmediate } from "node:timers";
 import {
   EFD_CLOEXEC,
   EFD_NONBLOCK,
