@@ -9,6 +9,7 @@ import {
   configure,
   dispose,
   getConsoleSink,
+  getLogger,
   getTextFormatter,
   jsonLinesFormatter,
   type LogLevel,
@@ -16,6 +17,7 @@ import {
 } from "@logtape/logtape";
 import { parseCommandLine, runCommand, UsageError } from "../client/command_line.ts";
 import { resolveSocketPath } from "../client/socket_path.ts";
+import { raiseDescriptorLimit } from "../ffi/process.ts";
 import { Broker } from "./broker.ts";
 
 /** Usage of `one-socket broker`. */
@@ -30,6 +32,12 @@ Options:
                        or /tmp/one-socket-UID.socket. "@name" is an abstract socket.
   --log-level LEVEL    trace, debug, info (default), warning, error, fatal
   --log-format FORMAT  text (default) or json (one object per line)
+  --handshake-timeout SECONDS  close a connection that has not sent its whole
+                       request within SECONDS (default 5)
+  --pair-timeout SECONDS  close a request still unpaired after SECONDS
+                       (default: wait forever)
+  --max-waiting-per-uid N  most clients of one uid waiting at once (default: no limit)
+  --isolate-uids       pair only clients of the same uid
   -h, --help           show this help`;
 
 const ALL_LEVELS_TO_STDERR = {
@@ -56,6 +64,27 @@ async function configureLogging(level: LogLevel, format: string): Promise<void> 
   });
 }
 
+const logger = getLogger(["one-socket", "broker"]);
+
+/** Descriptors the runtime, the listener and the reactor keep for themselves. */
+const RESERVED_DESCRIPTORS = 32;
+
+function seconds(flag: string, text: string): number {
+  const value = Number(text);
+  if (!(value > 0) || !Number.isFinite(value)) {
+    throw new UsageError(`${flag} takes a positive number of seconds, not ${text}`);
+  }
+  return value;
+}
+
+function count(flag: string, text: string): number {
+  const value = Number(text);
+  if (!Number.isSafeInteger(value) || value < 1) {
+    throw new UsageError(`${flag} takes a whole number from 1 up, not ${text}`);
+  }
+  return value;
+}
+
 /** Resolves on the first SIGINT or SIGTERM. */
 function shutdownSignal(): Promise<Deno.Signal> {
   return new Promise((resolve) => {
@@ -75,6 +104,10 @@ export function runBroker(args: string[]): Promise<number> {
       socket: { type: "string" },
       "log-level": { type: "string", default: "info" },
       "log-format": { type: "string", default: "text" },
+      "handshake-timeout": { type: "string", default: "5" },
+      "pair-timeout": { type: "string" },
+      "max-waiting-per-uid": { type: "string" },
+      "isolate-uids": { type: "boolean", default: false },
       help: { type: "boolean", short: "h" },
     });
     if (values.help) {
@@ -92,9 +125,29 @@ export function runBroker(args: string[]): Promise<number> {
     if (format !== "text" && format !== "json") {
       throw new UsageError(`unknown log format ${format} (text or json)`);
     }
+    const handshakeTimeoutMs = seconds("--handshake-timeout", values["handshake-timeout"]) * 1000;
+    const pairTimeout = values["pair-timeout"];
+    const pairTimeoutMs = pairTimeout === undefined
+      ? undefined
+      : seconds("--pair-timeout", pairTimeout) * 1000;
+    const perUid = values["max-waiting-per-uid"];
+    const maxWaitingPerUid = perUid === undefined
+      ? undefined
+      : count("--max-waiting-per-uid", perUid);
     await configureLogging(level, format);
+    const limit = raiseDescriptorLimit();
+    logger.info("descriptor limit {soft} (hard {hard}): room for about {clients} clients", {
+      ...limit,
+      clients: limit.soft - RESERVED_DESCRIPTORS,
+    });
     try {
-      const broker = await Broker.listen({ path: resolveSocketPath(values.socket) });
+      const broker = await Broker.listen({
+        path: resolveSocketPath(values.socket),
+        handshakeTimeoutMs,
+        pairTimeoutMs,
+        maxWaitingPerUid,
+        isolateUids: values["isolate-uids"],
+      });
       await shutdownSignal();
       await broker.close();
       return 0;
