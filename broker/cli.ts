@@ -136,10 +136,6 @@ export function runBroker(args: string[]): Promise<number> {
       : count("--max-waiting-per-uid", perUid);
     await configureLogging(level, format);
     const limit = raiseDescriptorLimit();
-    logger.info("descriptor limit {soft} (hard {hard}): room for about {clients} clients", {
-      ...limit,
-      clients: limit.soft - RESERVED_DESCRIPTORS,
-    });
     try {
       const broker = await Broker.listen({
         path: resolveSocketPath(values.socket),
@@ -147,6 +143,10 @@ export function runBroker(args: string[]): Promise<number> {
         pairTimeoutMs,
         maxWaitingPerUid,
         isolateUids: values["isolate-uids"],
+      });
+      logger.info("descriptor limit {soft} (hard {hard}): room for about {clients} clients", {
+        ...limit,
+        clients: limit.soft - RESERVED_DESCRIPTORS,
       });
       await shutdownSignal();
       await broker.close();
