@@ -21,7 +21,11 @@ export class Histogram {
   /** Number of observations. */
   count = 0;
 
-  /** @param bounds ascending upper bounds */
+  /**
+   * An empty histogram.
+   *
+   * @param bounds ascending upper bounds
+   */
   constructor(bounds: readonly number[]) {
     this.bounds = bounds;
     this.counts = new Array(bounds.length + 1).fill(0);

@@ -1,27 +1,8 @@
 import assert from "node:assert/strict";
 import { getPair } from "../client/pair.ts";
-import { eventually, withBroker } from "./helpers.ts";
+import { buildCProgram, eventually, withBroker } from "./helpers.ts";
 
-/** Builds tests/c/sp_client.c with the system compiler; undefined when there is none. */
-async function buildCClient(): Promise<string | undefined> {
-  const directory = await Deno.makeTempDir({ prefix: "one-socket-c-" });
-  globalThis.addEventListener("unload", () => Deno.removeSync(directory, { recursive: true }));
-  const output = `${directory}/sp_client`;
-  const source = new URL("./c/sp_client.c", import.meta.url).pathname;
-  try {
-    const { success, stderr } = await new Deno.Command("cc", {
-      args: ["-O2", "-o", output, source],
-    })
-      .output();
-    if (!success) throw new Error(`cc failed: ${new TextDecoder().decode(stderr)}`);
-    return output;
-  } catch (error) {
-    if (error instanceof Deno.errors.NotFound) return undefined;
-    throw error;
-  }
-}
-
-const cClient = await buildCClient();
+const cClient = await buildCProgram("sp_client");
 const ignore = cClient === undefined;
 if (ignore) console.warn("c_interop_test: no C compiler (cc); the C client tests are ignored");
 

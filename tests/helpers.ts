@@ -5,7 +5,7 @@
  * @module
  */
 
-import { Broker } from "../broker/broker.ts";
+import { Broker, type BrokerOptions } from "../broker/broker.ts";
 import { Errno, OsError } from "../ffi/errors.ts";
 import { Reactor } from "../ffi/reactor.ts";
 import {
@@ -38,9 +38,10 @@ export async function temporarySocketPath(): Promise<{ path: string; remove(): P
  */
 export async function withBroker(
   body: (broker: Broker, path: string) => Promise<void>,
+  options: Omit<BrokerOptions, "path"> = {},
 ): Promise<void> {
   const socket = await temporarySocketPath();
-  const broker = await Broker.listen({ path: socket.path });
+  const broker = await Broker.listen({ ...options, path: socket.path });
   try {
     await body(broker, socket.path);
   } finally {
@@ -144,5 +145,27 @@ export class RawClient implements Disposable {
   /** Closes the connection. */
   [Symbol.dispose](): void {
     this.socket.close();
+  }
+}
+
+/**
+ * Compiles `tests/c/NAME.c` with the system compiler, once per process, into
+ * a temporary directory removed at exit; undefined when there is no `cc`.
+ */
+export async function buildCProgram(name: string): Promise<string | undefined> {
+  const directory = await Deno.makeTempDir({ prefix: "one-socket-c-" });
+  globalThis.addEventListener("unload", () => Deno.removeSync(directory, { recursive: true }));
+  const output = `${directory}/${name}`;
+  const source = new URL(`./c/${name}.c`, import.meta.url).pathname;
+  try {
+    const { success, stderr } = await new Deno.Command("cc", {
+      args: ["-O2", "-o", output, source],
+    })
+      .output();
+    if (!success) throw new Error(`cc ${source} failed: ${new TextDecoder().decode(stderr)}`);
+    return output;
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return undefined;
+    throw error;
   }
 }

@@ -1,0 +1,234 @@
+/**
+ * {@link AccessPolicy}: which local users may claim which keys.
+ *
+ * A policy is an ordered list of rules, like a firewall's. The first rule
+ * whose key pattern, mode and principal all match a request decides it;
+ * when none does, the request is denied. Without a policy file the broker
+ * admits everyone (the C broker's behaviour).
+ *
+ * ```toml
+ * # /etc/one-socket/policy.toml
+ * [[rules]]
+ * action = "allow"
+ * prefix = "vhost-user-"      # or: key = "exact", or glob = "grpc-*-api"
+ * modes = ["client", "server"] # default: every mode
+ * uids = [0]                   # uids and/or gids; neither means anyone
+ * gids = [107]
+ * cross_uid = true             # with --isolate-uids: may pair across uids
+ * ```
+ *
+ * The same structure in JSON: `{ "rules": [{ "action": "allow", … }] }`.
+ * Principals are the peer's uid and primary gid from `SO_PEERCRED`.
+ *
+ * @module
+ */
+
+import { parse as parseToml } from "smol-toml";
+import { type Mode, MODES } from "../client/protocol.ts";
+import type { AccessDecision, AccessRequest } from "./broker.ts";
+
+/** One rule as written in the policy file. */
+export interface PolicyRule {
+  /** What a match means. */
+  action: "allow" | "deny";
+  /** The key pattern: exactly one of `key`, `prefix`, `glob` (`*` any run, `?` one byte). */
+  key?: string;
+  /** Keys starting with this. */
+  prefix?: string;
+  /** Keys matching this glob. */
+  glob?: string;
+  /** Modes it applies to; default all. */
+  modes?: Mode[];
+  /** Peer uids it applies to. */
+  uids?: number[];
+  /** Peer primary gids it applies to. */
+  gids?: number[];
+  /** With `--isolate-uids`: matching keys may pair across uids. */
+  cross_uid?: boolean;
+}
+
+/** A policy file that cannot be used, with the file and the rule at fault. */
+export class PolicyError extends Error {
+  /**
+   * A policy problem.
+   *
+   * @param message what is wrong, already naming the file and rule
+   */
+  constructor(message: string) {
+    super(message);
+    this.name = "PolicyError";
+  }
+}
+
+interface CompiledRule {
+  allow: boolean;
+  matchKey: (key: string) => boolean;
+  modes: ReadonlySet<Mode>;
+  uids?: ReadonlySet<number>;
+  gids?: ReadonlySet<number>;
+  crossUid: boolean;
+  description: string;
+}
+
+// Keys are bytes; patterns are UTF-8 text. Both become one character per byte.
+const latin1 = (bytes: Uint8Array) => {
+  let text = "";
+  for (let i = 0; i < bytes.length; i += 4096) {
+    text += String.fromCharCode(...bytes.subarray(i, i + 4096));
+  }
+  return text;
+};
+const patternText = (pattern: string) => latin1(new TextEncoder().encode(pattern));
+
+function globToRegExp(glob: string): RegExp {
+  let source = "";
+  for (const char of glob) {
+    if (char === "*") source += "[^]*";
+    else if (char === "?") source += "[^]";
+    else source += char.replace(/[\\^$.|+()[\]{}]/g, "\\$&");
+  }
+  return new RegExp(`^${source}$`);
+}
+
+const RULE_FIELDS = new Set([
+  "action",
+  "key",
+  "prefix",
+  "glob",
+  "modes",
+  "uids",
+  "gids",
+  "cross_uid",
+]);
+
+function compileRule(rule: unknown, where: string): CompiledRule {
+  if (typeof rule !== "object" || rule === null || Array.isArray(rule)) {
+    throw new PolicyError(`${where}: a rule is a table of fields`);
+  }
+  const fields = rule as Record<string, unknown>;
+  for (const name of Object.keys(fields)) {
+    if (!RULE_FIELDS.has(name)) throw new PolicyError(`${where}: unknown field "${name}"`);
+  }
+  const { action, key, prefix, glob, modes, uids, gids, cross_uid: crossUid } = fields;
+  if (action !== "allow" && action !== "deny") {
+    throw new PolicyError(`${where}: action must be "allow" or "deny"`);
+  }
+  const patterns = [["key", key], ["prefix", prefix], ["glob", glob]].filter(([, v]) =>
+    v !== undefined
+  );
+  if (patterns.length !== 1 || typeof patterns[0][1] !== "string") {
+    throw new PolicyError(`${where}: give exactly one of key, prefix or glob, as a string`);
+  }
+  const [kind, pattern] = patterns[0] as [string, string];
+  const text = patternText(pattern);
+  const matchKey = kind === "key"
+    ? (candidate: string) => candidate === text
+    : kind === "prefix"
+    ? (candidate: string) => candidate.startsWith(text)
+    : ((regexp) => (candidate: string) => regexp.test(candidate))(globToRegExp(text));
+  return {
+    allow: action === "allow",
+    matchKey,
+    modes: new Set(modeList(modes, where)),
+    uids: idSet(uids, "uids", where),
+    gids: idSet(gids, "gids", where),
+    crossUid: booleanField(crossUid, "cross_uid", where),
+    description: `${where} (${action} ${kind} ${JSON.stringify(pattern)})`,
+  };
+}
+
+function modeList(modes: unknown, where: string): Mode[] {
+  if (modes === undefined) return [...MODES];
+  if (!Array.isArray(modes) || modes.some((mode) => !MODES.includes(mode))) {
+    throw new PolicyError(`${where}: modes must be a list of "none", "client", "server"`);
+  }
+  return modes;
+}
+
+function idSet(ids: unknown, name: string, where: string): ReadonlySet<number> | undefined {
+  if (ids === undefined) return undefined;
+  if (!Array.isArray(ids) || ids.some((id) => !Number.isInteger(Number(id)) || Number(id) < 0)) {
+    throw new PolicyError(`${where}: ${name} must be a list of numeric ids`);
+  }
+  return new Set(ids.map(Number));
+}
+
+function booleanField(value: unknown, name: string, where: string): boolean {
+  if (value === undefined) return false;
+  if (typeof value !== "boolean") throw new PolicyError(`${where}: ${name} must be true or false`);
+  return value;
+}
+
+/**
+ * A parsed access policy. Pass {@link AccessPolicy.decide} as the broker's
+ * `authorize` option.
+ *
+ * @example
+ * ```ts
+ * import { AccessPolicy } from "./mod.ts";
+ * const policy = AccessPolicy.parse(
+ *   '{"rules": [{"action": "allow", "prefix": "vhost-", "uids": [0]}]}',
+ *   "json",
+ *   "inline policy",
+ * );
+ * const key = new TextEncoder().encode("vhost-1");
+ * console.log(policy.decide({ key, mode: "server", peer: { pid: 1, uid: 0, gid: 0 } }).allowed); // true
+ * ```
+ */
+export class AccessPolicy {
+  /** Where it was read from, for log lines. */
+  readonly source: string;
+  readonly #rules: CompiledRule[];
+
+  private constructor(source: string, rules: CompiledRule[]) {
+    this.source = source;
+    this.#rules = rules;
+  }
+
+  /** Number of rules. */
+  get size(): number {
+    return this.#rules.length;
+  }
+
+  /** Parses policy text; throws {@link PolicyError} naming `source` and the rule at fault. */
+  static parse(text: string, format: "json" | "toml", source: string): AccessPolicy {
+    let document: unknown;
+    try {
+      document = format === "json" ? JSON.parse(text) : parseToml(text);
+    } catch (error) {
+      throw new PolicyError(
+        `${source}: not valid ${format.toUpperCase()}: ${(error as Error).message}`,
+      );
+    }
+    const rules = (document as { rules?: unknown })?.rules;
+    if (!Array.isArray(rules)) throw new PolicyError(`${source}: expected a list named "rules"`);
+    return new AccessPolicy(
+      source,
+      rules.map((rule, index) => compileRule(rule, `${source} rule ${index + 1}`)),
+    );
+  }
+
+  /** Reads a policy file: TOML if its name ends in `.toml`, JSON otherwise. */
+  static async load(path: string): Promise<AccessPolicy> {
+    let text: string;
+    try {
+      text = await Deno.readTextFile(path);
+    } catch (error) {
+      throw new PolicyError(`policy ${path}: ${(error as Error).message}`);
+    }
+    return AccessPolicy.parse(text, path.endsWith(".toml") ? "toml" : "json", path);
+  }
+
+  /** The first matching rule's verdict, or a denial when none matches. */
+  decide(request: AccessRequest): AccessDecision {
+    const key = latin1(request.key);
+    const { uid, gid } = request.peer;
+    for (const rule of this.#rules) {
+      if (!rule.modes.has(request.mode) || !rule.matchKey(key)) continue;
+      const anyone = rule.uids === undefined && rule.gids === undefined;
+      if (!anyone && !rule.uids?.has(uid) && !rule.gids?.has(gid)) continue;
+      return { allowed: rule.allow, rule: rule.description, crossUid: rule.crossUid };
+    }
+    return { allowed: false, rule: `${this.source} default (no rule matched)` };
+  }
+}
