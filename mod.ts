@@ -33,7 +33,17 @@ import { runBroker } from "./broker/cli.ts";
 import { runPair } from "./client/cli.ts";
 import { EXIT_USAGE } from "./client/command_line.ts";
 
-export { Broker, type BrokerOptions, type BrokerStats } from "./broker/broker.ts";
+export {
+  type AccessDecision,
+  type AccessRequest,
+  type Authorizer,
+  Broker,
+  type BrokerOptions,
+  type BrokerStats,
+  type WaitingClient,
+} from "./broker/broker.ts";
+export { BrokerMetrics, type DropReason, Histogram } from "./broker/metrics.ts";
+export { AccessPolicy, PolicyError, type PolicyRule } from "./broker/policy.ts";
 export {
   BrokerClosedError,
   BrokerConnection,
@@ -72,6 +82,7 @@ export {
   SET_PAIR_PAYLOAD_SIZE,
 } from "./client/protocol.ts";
 export { OsError } from "./ffi/errors.ts";
+export type { PeerCredentials } from "./ffi/structs.ts";
 
 /**
  * This release's version.
