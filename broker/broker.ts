@@ -200,6 +200,8 @@ export class Broker implements AsyncDisposable {
   readonly #sweepTimer: ReturnType<typeof setInterval>;
   #nextId = 1;
   #acceptPaused = false;
+  /** `performance.now()` when descriptors ran out, until an accept succeeds again. */
+  #exhaustedSince?: number;
   #closing?: Promise<void>;
 
   private constructor(options: BrokerOptions, listener: UnixSocket, ownsPath: boolean) {
@@ -307,6 +309,7 @@ export class Broker implements AsyncDisposable {
     for (;;) {
       const fd = acceptConnection(this.#listener.fd);
       if (fd >= 0) {
+        if (this.#exhaustedSince !== undefined) this.#endExhaustion(now);
         this.#admit(fd, now);
         continue;
       }
@@ -320,22 +323,40 @@ export class Broker implements AsyncDisposable {
     }
   }
 
-  // Out of descriptors: a level-triggered listener would spin. Serve who is here, then resume.
+  /**
+   * Out of descriptors: a level-triggered listener would spin. Serve the
+   * clients already here and retry every ACCEPT_PAUSE_MS; log once per episode.
+   */
   #pauseAccepting(errno: number): void {
     if (this.#acceptPaused) return;
     this.#acceptPaused = true;
     this.metrics.acceptPauses++;
-    logger.error("accept4 {path}: {code}; pausing accepts for {ms} ms ({open} connections open)", {
-      path: this.path,
-      code: errnoName(errno),
-      ms: ACCEPT_PAUSE_MS,
-      open: this.#connections.size,
-    });
+    if (this.#exhaustedSince === undefined) {
+      this.#exhaustedSince = performance.now();
+      this.metrics.descriptorExhaustions++;
+      logger.error(
+        "accept4 {path}: {code} with {open} client connections open; " +
+          "retrying every {ms} ms while serving them",
+        {
+          path: this.path,
+          code: errnoName(errno),
+          open: this.#connections.size,
+          ms: ACCEPT_PAUSE_MS,
+        },
+      );
+    }
     this.#listenWatch.modify(0);
     setTimeout(() => {
       this.#acceptPaused = false;
       if (this.#closing === undefined) this.#listenWatch.modify(EPOLLIN);
     }, ACCEPT_PAUSE_MS).unref();
+  }
+
+  #endExhaustion(now: number): void {
+    logger.info("accepting again after {ms} ms without descriptors", {
+      ms: Math.round(now - this.#exhaustedSince!),
+    });
+    this.#exhaustedSince = undefined;
   }
 
   #admit(fd: number, now: number): void {

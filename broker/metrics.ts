@@ -50,8 +50,10 @@ export class BrokerMetrics {
   accepted = 0;
   /** Pairs delivered. */
   paired = 0;
-  /** Times accepting paused because descriptors ran out. */
+  /** Times accepting paused because descriptors ran out (one per retry interval). */
   acceptPauses = 0;
+  /** Episodes of running out of descriptors (each logged once). */
+  descriptorExhaustions = 0;
   /** Connections closed for breaking the protocol, by offending field. */
   readonly protocolErrors: Partial<Record<ProtocolErrorField, number>> = {};
   /** Connections closed for other reasons. */
