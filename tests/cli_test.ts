@@ -19,6 +19,7 @@ import {
 } from "./processes.ts";
 
 const encoder = new TextEncoder();
+const decoder = new TextDecoder();
 
 function randomBytes(length: number): Uint8Array {
   const bytes = new Uint8Array(length);
