@@ -1,0 +1,120 @@
+import assert from "node:assert/strict";
+import { getPair } from "../client/pair.ts";
+import { encodeGetPair } from "../client/protocol.ts";
+import { Errno } from "../ffi/errors.ts";
+import { raiseDescriptorLimit } from "../ffi/process.ts";
+import { connectUnix, readInto, sendFrom, type UnixSocket } from "../ffi/socket.ts";
+import { countOpenDescriptors, eventually } from "./helpers.ts";
+import { startBroker, withScope } from "./processes.ts";
+
+const WAITERS = 10_000;
+
+/** CPU seconds (user + system) a process has used, from /proc/PID/stat. */
+function cpuSeconds(pid: number): number {
+  const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks
+}
+
+/** Connects and sends a complete request; the socket then waits for its pair. */
+async function waitOn(path: string, key: string, mode: "server" | "client"): Promise<UnixSocket> {
+  const socket = await connectUnix(path);
+  const request = encodeGetPair(key, mode) as Uint8Array<ArrayBuffer>;
+  assert.equal(sendFrom(socket.fd, request), request.length);
+  return socket;
+}
+
+/** True while the broker has neither replied on nor closed the connection. */
+function stillWaiting(socket: UnixSocket): boolean {
+  return readInto(socket.fd, new Uint8Array(1)) === -Errno.EAGAIN;
+}
+
+Deno.test(`${WAITERS} clients waiting at once are all held, and pairing goes on`, async () => {
+  const limit = raiseDescriptorLimit();
+  assert.ok(
+    limit.soft > WAITERS + 500,
+    `this test needs ${WAITERS + 500} descriptors (has ${limit.soft})`,
+  );
+  await withScope(async (scope) => {
+    const broker = await startBroker(scope);
+    const baseline = countOpenDescriptors(broker.pid);
+    const waiters: UnixSocket[] = [];
+    try {
+      for (let i = 0; i < WAITERS; i++) {
+        waiters.push(await waitOn(scope.socket, `waiter-${i}`, "server"));
+      }
+      await eventually(
+        () => countOpenDescriptors(broker.pid) >= baseline + WAITERS,
+        "the broker to hold every waiter",
+        20_000,
+      );
+      // Pairing among newcomers works with every waiter present.
+      for (let i = 0; i < 50; i++) {
+        const [a, b] = await Promise.all([
+          getPair(`busy-${i}`, { socket: scope.socket }),
+          getPair(`busy-${i}`, { socket: scope.socket }),
+        ]);
+        a.close();
+        b.close();
+      }
+      assert.equal(
+        waiters.filter(stillWaiting).length,
+        WAITERS,
+        "a waiter was evicted or answered",
+      );
+      // Waiters are real: a sample of them finds its partner.
+      for (let i = 0; i < WAITERS; i += 1000) {
+        const partner = await getPair(`waiter-${i}`, { socket: scope.socket, mode: "client" });
+        partner.close();
+        await eventually(() => !stillWaiting(waiters[i]), `waiter ${i} to get its pair`);
+      }
+    } finally {
+      waiters.forEach((socket) => socket.close());
+    }
+    await eventually(
+      () => countOpenDescriptors(broker.pid) === baseline,
+      "the broker's descriptors to return to their baseline",
+    );
+  });
+});
+
+Deno.test("out of descriptors, the broker backs off, keeps serving, logs once and resumes", async () => {
+  await withScope(async (scope) => {
+    const broker = await startBroker(scope, ["--socket", scope.socket], { descriptorLimit: 64 });
+    // Fill every descriptor the broker has, and then some: the rest wait in the backlog.
+    const crowd: UnixSocket[] = [];
+    try {
+      for (let i = 0; i < 80; i++) crowd.push(await waitOn(scope.socket, `crowd-${i}`, "server"));
+      await broker.waitForOutput("EMFILE");
+      const cpuBefore = cpuSeconds(broker.pid);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      const spent = cpuSeconds(broker.pid) - cpuBefore;
+      assert.ok(
+        spent < 0.3,
+        `the broker spun: ${spent} CPU seconds in 1 s while out of descriptors`,
+      );
+      assert.equal(broker.output.match(/EMFILE/g)?.length, 1, "one log line per episode");
+      // Ten admitted clients leave, and so does the crowd queued in the backlog behind them
+      // (it would take every descriptor freed). The broker accepts again, and a waiter admitted
+      // before the limit is paired with a newcomer.
+      crowd.splice(40).forEach((socket) => socket.close());
+      crowd.splice(0, 10).forEach((socket) => socket.close());
+      const partner = await getPair("crowd-10", {
+        socket: scope.socket,
+        mode: "client",
+        signal: AbortSignal.timeout(10_000),
+      });
+      partner.close();
+      await broker.waitForOutput("accepting again");
+    } finally {
+      crowd.forEach((socket) => socket.close());
+    }
+    const signal = AbortSignal.timeout(10_000);
+    const [a, b] = await Promise.all([
+      getPair("after", { socket: scope.socket, signal }),
+      getPair("after", { socket: scope.socket, signal }),
+    ]);
+    a.close();
+    b.close();
+  });
+});
