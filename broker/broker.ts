@@ -21,7 +21,7 @@ import {
 } from "../client/protocol.ts";
 import { Errno, errnoName, OsError } from "../ffi/errors.ts";
 import { EPOLLIN, EPOLLRDHUP } from "../ffi/libc.ts";
-import { Reactor, type Watch } from "../ffi/reactor.ts";
+import { Reactor, type Registrant, type Watch } from "../ffi/reactor.ts";
 import {
   acceptConnection,
   closeDescriptor,
@@ -122,13 +122,18 @@ const MAX_RECEIVED_DESCRIPTORS = 8;
 /** How often deadlines are checked: timeouts are honoured to within this. */
 const SWEEP_INTERVAL_MS = 250;
 
-/** One client connection, from accept to close. */
-class Connection {
+/**
+ * One client connection, from accept to close. It is its own reactor
+ * registration: one object per client, no watch or closure beside it.
+ */
+class Connection implements Registrant {
   readonly id: number;
   readonly fd: number;
+  tag = 0;
   /** `performance.now()` at accept, then when it started waiting. */
   since: number;
-  watch!: Watch;
+  /** The broker's handler, shared by every connection. */
+  readonly #onReadable: (connection: Connection) => void;
   /** Bytes of the request frame received so far. */
   received = 0;
   /** Holds a request that arrived in pieces; most arrive whole and never need it. */
@@ -139,10 +144,16 @@ class Connection {
   scoped = false;
   #peer?: PeerCredentials;
 
-  constructor(id: number, fd: number, now: number) {
+  constructor(id: number, fd: number, now: number, onReadable: (connection: Connection) => void) {
     this.id = id;
     this.fd = fd;
     this.since = now;
+    this.#onReadable = onReadable;
+  }
+
+  /** Readable, hung up or in error: the broker reads to find out which. */
+  onReady(): void {
+    this.#onReadable(this);
   }
 
   /** `SO_PEERCRED`, read on first use: the kernel keeps the values from connect time. */
@@ -198,6 +209,9 @@ export class Broker implements AsyncDisposable {
   readonly #outbound = new MessageHeader(encodeSetPair() as Uint8Array<ArrayBuffer>, 1);
   readonly #pair = new Int32Array(2);
   readonly #sweepTimer: ReturnType<typeof setInterval>;
+  readonly #onReadableHandler = (connection: Connection) => this.#onReadable(connection);
+  /** Whether debug lines are wanted, read once: asking on every pairing costs. */
+  readonly #debug = logger.isEnabledFor("debug");
   #nextId = 1;
   #acceptPaused = false;
   /** `performance.now()` when descriptors ran out, until an accept succeeds again. */
@@ -361,13 +375,8 @@ export class Broker implements AsyncDisposable {
 
   #admit(fd: number, now: number): void {
     this.metrics.accepted++;
-    const connection = new Connection(this.#nextId++, fd, now);
-    connection.watch = Reactor.instance().watch(
-      fd,
-      EPOLLIN | EPOLLRDHUP,
-      () => this.#onReadable(connection),
-    );
-    connection.watch.referenced = false;
+    const connection = new Connection(this.#nextId++, fd, now, this.#onReadableHandler);
+    Reactor.instance().register(connection, EPOLLIN | EPOLLRDHUP);
     this.#connections.set(connection.id, connection);
     this.#handshaking.add(connection);
   }
@@ -498,7 +507,7 @@ export class Broker implements AsyncDisposable {
       const uid = connection.peer.uid;
       this.#waitingPerUid.set(uid, (this.#waitingPerUid.get(uid) ?? 0) + 1);
     }
-    if (logger.isEnabledFor("debug")) {
+    if (this.#debug) {
       logger.debug(`client {id} waits on key "{key}" as {mode}`, {
         id: connection.id,
         key: describeKey(connection.key),
@@ -531,7 +540,7 @@ export class Broker implements AsyncDisposable {
     closeDescriptor(pair[0]);
     closeDescriptor(pair[1]);
     const waited = performance.now() - partner.since;
-    if (toPartner === 0 && toNewcomer === 0 && logger.isEnabledFor("debug")) {
+    if (toPartner === 0 && toNewcomer === 0 && this.#debug) {
       logger.debug(
         `paired client {a} (pid {pidA}, uid {uidA}) and {b} (pid {pidB}, uid {uidB}) on key "{key}"`,
         {
@@ -626,7 +635,7 @@ export class Broker implements AsyncDisposable {
         else this.#waitingPerUid.delete(uid);
       }
     }
-    connection.watch.cancel(true);
+    Reactor.instance().unregister(connection, true);
     closeDescriptor(connection.fd);
   }
 }
@@ -640,7 +649,7 @@ function scoped(key: Uint8Array, uid: number): Uint8Array {
 }
 
 /** Throws unless a connect to `path` is refused, i.e. nobody listens behind the file. */
-async function assertStale(path: string): Promise<void> {
+export async function assertStale(path: string): Promise<void> {
   let info: Deno.FileInfo;
   try {
     info = Deno.lstatSync(path);

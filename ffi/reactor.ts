@@ -39,31 +39,47 @@ const logger = getLogger(["one-socket", "reactor"]);
 export type ReadyHandler = (events: number) => void;
 
 const MAX_EVENTS = 512;
-// Event batches dispatched before giving timers, signals and other I/O a turn.
-const BATCHES_PER_MACROTASK = 32;
+// The longest a busy loop keeps timers, signals and other I/O waiting for a turn.
+const TURN_INTERVAL_MS = 1;
 
 // setImmediate costs ~2 µs; a chain of setTimeout(0) is clamped to milliseconds.
 const macrotask = () => new Promise<void>((resolve) => setImmediate(resolve));
 
 /**
- * One descriptor's registration. The tag distinguishes it from an earlier
- * registration of a reused descriptor number whose events are still in the
- * batch being dispatched.
+ * Something registered for a descriptor's events. The reactor sets `tag`: it
+ * tells this registration from an earlier one of a reused descriptor number
+ * whose events are still in the batch being dispatched. Hot paths (the
+ * broker's connections) implement this directly, to avoid an object and a
+ * closure per descriptor.
  */
-export class Watch {
+export interface Registrant {
+  /** The descriptor. */
   readonly fd: number;
-  readonly tag: number;
+  /** Set by {@link Reactor.register}. */
+  tag: number;
+  /** Called synchronously with the ready `EPOLL*` bits. */
+  onReady(events: number): void;
+}
+
+/** A registration that calls a handler, with its own reference on the loop. */
+export class Watch implements Registrant {
+  readonly fd: number;
+  tag = 0;
   handler: ReadyHandler;
   #reactor: Reactor;
   #referenced = false;
   #active = true;
 
   /** Use {@link Reactor.watch}. */
-  constructor(reactor: Reactor, fd: number, tag: number, handler: ReadyHandler) {
+  constructor(reactor: Reactor, fd: number, handler: ReadyHandler) {
     this.#reactor = reactor;
     this.fd = fd;
-    this.tag = tag;
     this.handler = handler;
+  }
+
+  /** Calls the handler. */
+  onReady(events: number): void {
+    this.handler(events);
   }
 
   /** While referenced, the loop keeps running (and the process alive) for this watch. */
@@ -86,7 +102,7 @@ export class Watch {
     if (!this.#active) return;
     this.referenced = false;
     this.#active = false;
-    this.#reactor.forget(this, closing);
+    this.#reactor.unregister(this, closing);
   }
 }
 
@@ -109,11 +125,12 @@ export class Reactor {
   readonly #polledView = new DataView(this.#polled.buffer);
   readonly #waited = new Uint8Array(MAX_EVENTS * EPOLL_EVENT_SIZE);
   readonly #waitedView = new DataView(this.#waited.buffer);
-  readonly #watches: (Watch | undefined)[] = [];
+  readonly #registrants: (Registrant | undefined)[] = [];
   #nextTag = 1;
   #references = 0;
   #running = false;
   #blocking = false;
+  #lingerSlices = 0;
   #stopped: Promise<void> = Promise.resolve();
 
   private constructor() {
@@ -126,12 +143,29 @@ export class Reactor {
 
   /** Registers `fd` for `events` (level-triggered unless `EPOLLET` is among them). */
   watch(fd: number, events: number, handler: ReadyHandler): Watch {
-    const tag = this.#nextTag = (this.#nextTag + 1) >>> 0 || 1;
-    const watch = new Watch(this, fd, tag, handler);
-    this.control(EPOLL_CTL_ADD, fd, events, tag);
-    this.#watches[fd] = watch;
+    const watch = new Watch(this, fd, handler);
+    this.register(watch, events);
     watch.referenced = true;
     return watch;
+  }
+
+  /**
+   * Registers `target` for `events` without a reference of its own: something
+   * else (a listener's watch) keeps the loop running.
+   */
+  register(target: Registrant, events: number): void {
+    target.tag = this.#nextTag = (this.#nextTag + 1) >>> 0 || 1;
+    this.control(EPOLL_CTL_ADD, target.fd, events, target.tag);
+    this.#registrants[target.fd] = target;
+  }
+
+  /**
+   * Stops delivering events to `target`. Pass `closing` when its descriptor is
+   * about to be closed and was never duplicated: closing removes it from epoll anyway.
+   */
+  unregister(target: Registrant, closing: boolean): void {
+    if (this.#registrants[target.fd] === target) this.#registrants[target.fd] = undefined;
+    if (!closing) libc.epoll_ctl(this.#epfd, EPOLL_CTL_DEL, target.fd, this.#eventScratch);
   }
 
   /** Resolves once the loop has stopped (nothing referenced, no wait in flight). */
@@ -145,12 +179,6 @@ export class Reactor {
     if (libc.epoll_ctl(this.#epfd, op, fd, this.#eventScratch) < 0) {
       throw new OsError("epoll_ctl", errno());
     }
-  }
-
-  /** @internal */
-  forget(watch: Watch, closing: boolean): void {
-    if (this.#watches[watch.fd] === watch) this.#watches[watch.fd] = undefined;
-    if (!closing) libc.epoll_ctl(this.#epfd, EPOLL_CTL_DEL, watch.fd, this.#eventScratch);
   }
 
   /** @internal */
@@ -178,41 +206,67 @@ export class Reactor {
         libc.read(this.#wakeFd, this.#wakeBuffer, sizeArgument(8));
         continue;
       }
-      const watch = this.#watches[fd];
-      if (watch === undefined || watch.tag !== tag) continue;
+      const target = this.#registrants[fd];
+      if (target === undefined || target.tag !== tag) continue;
       try {
-        watch.handler(view.getUint32(at, true));
+        target.onReady(view.getUint32(at, true));
       } catch (error) {
         logger.error("event handler for fd {fd} failed: {error}", { fd, error });
       }
     }
   }
 
+  /**
+   * Lets the loop wait up to `ms` milliseconds on the JavaScript thread
+   * itself, one millisecond at a time, after its last event and before it
+   * hands the wait to a helper thread. A busy daemon then wakes straight from
+   * the kernel instead of through a thread hand-off; the cost is that other
+   * work in the process (timers, other I/O) may wait up to a millisecond for
+   * its turn while events are flowing. Default 0: libraries leave it alone.
+   */
+  setLinger(ms: number): void {
+    this.#lingerSlices = Math.max(0, Math.round(ms));
+  }
+
   async #run(): Promise<void> {
     try {
-      let batches = 0;
+      let lingerLeft = 0;
+      let dispatched = false;
+      let lastTurn = performance.now();
       while (this.#references > 0) {
-        const ready = libc.epoll_wait(this.#epfd, this.#polled, MAX_EVENTS, 0);
+        const waitMs = lingerLeft > 0 ? 1 : 0;
+        const ready = libc.epoll_wait(this.#epfd, this.#polled, MAX_EVENTS, waitMs);
         if (ready > 0) {
           this.#dispatch(this.#polledView, ready);
-          // Let the continuations of what was just resolved run before polling again.
-          if (++batches % BATCHES_PER_MACROTASK === 0) await macrotask();
-          else await null;
+          lingerLeft = this.#lingerSlices;
+          dispatched = true;
+          // Continuations of what was just resolved run now; timers and other I/O get a
+          // full turn at least every millisecond however busy the sockets are.
+          if (performance.now() - lastTurn < TURN_INTERVAL_MS) {
+            await null;
+            continue;
+          }
+        } else if (ready < 0) {
+          if (errno() !== Errno.EINTR) throw new OsError("epoll_wait", errno());
           continue;
+        } else {
+          if (waitMs > 0) lingerLeft--;
+          if (!dispatched && waitMs === 0) {
+            // Quiet, and nothing left to run: hand the wait to a helper thread.
+            this.#blocking = true;
+            // A failed blocking wait set errno on the helper thread, out of our reach: retry.
+            const waited = await libc.epoll_wait_blocking(this.#epfd, this.#waited, MAX_EVENTS, -1);
+            this.#blocking = false;
+            if (waited > 0) this.#dispatch(this.#waitedView, waited);
+            dispatched = waited > 0;
+            lingerLeft = waited > 0 ? this.#lingerSlices : 0;
+            continue;
+          }
         }
-        if (ready < 0 && errno() !== Errno.EINTR) throw new OsError("epoll_wait", errno());
-        if (ready < 0) continue;
-        // Promise chains resolved by the last batch may still hold work; give them a full turn.
-        if (batches > 0) {
-          batches = 0;
-          await macrotask();
-          continue;
-        }
-        this.#blocking = true;
-        // A failed blocking wait set errno on the helper thread, out of our reach: retry it.
-        const waited = await libc.epoll_wait_blocking(this.#epfd, this.#waited, MAX_EVENTS, -1);
-        this.#blocking = false;
-        if (waited > 0) this.#dispatch(this.#waitedView, waited);
+        // Resolved promise chains, timers and other I/O get a full turn.
+        dispatched = false;
+        await macrotask();
+        lastTurn = performance.now();
       }
     } finally {
       this.#running = false;

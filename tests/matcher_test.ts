@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { Matcher } from "../broker/matcher.ts";
+import { hashKey, Matcher } from "../broker/matcher.ts";
 import type { Mode } from "../client/protocol.ts";
 
 const bytes = (s: string) => new TextEncoder().encode(s);
@@ -258,5 +258,35 @@ Deno.test("100,000 distinct waiting keys are filed and matched", () => {
     assert.equal(matcher.match(key(i), i % 2 ? "server" : "client"), i);
   }
   assert.equal(matcher.size, 0);
+  assert.deepEqual([...matcher], []);
+});
+
+Deno.test("keys whose hashes collide stay apart, and a shared bucket empties cleanly", () => {
+  const encoder = new TextEncoder();
+  const seen = new Map<number, Uint8Array>();
+  let pair: [Uint8Array, Uint8Array] | undefined;
+  for (let i = 0; pair === undefined; i++) {
+    const key = encoder.encode(`collide-${i}`);
+    const other = seen.get(hashKey(key));
+    if (other) pair = [other, key];
+    else seen.set(hashKey(key), key);
+  }
+  const [a, b] = pair;
+  assert.notDeepEqual(a, b);
+  assert.equal(hashKey(a), hashKey(b));
+  const matcher = new Matcher<string>();
+  const waitingA = matcher.wait(a, "server", "a");
+  matcher.wait(b, "server", "b");
+  matcher.wait(a, "server", "a2");
+  assert.equal(matcher.match(b, "client"), "b", "one bucket, two keys: each finds only its own");
+  assert.equal(matcher.match(b, "client"), undefined);
+  assert.equal(waitingA.cancel(), true);
+  assert.equal(matcher.match(a, "client"), "a2");
+  assert.equal(matcher.size, 0);
+  // Both orders of filing, and removal of the first queue in the chain.
+  matcher.wait(b, "none", "b");
+  matcher.wait(a, "none", "a");
+  assert.equal(matcher.match(b, "none"), "b");
+  assert.equal(matcher.match(a, "none"), "a");
   assert.deepEqual([...matcher], []);
 });
