@@ -376,9 +376,14 @@ export class Broker implements AsyncDisposable {
   #admit(fd: number, now: number): void {
     this.metrics.accepted++;
     const connection = new Connection(this.#nextId++, fd, now, this.#onReadableHandler);
-    Reactor.instance().register(connection, EPOLLIN | EPOLLRDHUP);
     this.#connections.set(connection.id, connection);
     this.#handshaking.add(connection);
+    // Clients send their request right after connecting, so it is usually here already:
+    // one that pairs at once never costs an epoll registration or event.
+    this.#onReadable(connection);
+    if (this.#connections.has(connection.id)) {
+      Reactor.instance().register(connection, EPOLLIN | EPOLLRDHUP);
+    }
   }
 
   #onReadable(connection: Connection): void {
