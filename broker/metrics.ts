@@ -1,6 +1,6 @@
 /**
  * The broker's counters and histograms, cheap enough to update on every
- * pairing, and their Prometheus text rendering.
+ * pairing (`prometheus.ts` renders them for the control API).
  *
  * @module
  */

@@ -1,6 +1,7 @@
 /**
  * Where the broker socket is when nobody says: the same answer for the broker
- * and its clients, so that both meet without configuration.
+ * and its clients, so that both meet without configuration. Likewise for the
+ * control socket, between the broker's operator and `one-socket ctl`.
  *
  * @module
  */
@@ -48,4 +49,41 @@ export function defaultSocketPath(): string {
  */
 export function resolveSocketPath(explicit?: string): string {
   return explicit ?? environment(SOCKET_PATH_VARIABLE) ?? defaultSocketPath();
+}
+
+/**
+ * The environment variable `one-socket ctl` reads for the control socket path.
+ *
+ * @example
+ * ```ts
+ * import { CONTROL_PATH_VARIABLE } from "./mod.ts";
+ * Deno.env.set(CONTROL_PATH_VARIABLE, "/run/one.control");
+ * ```
+ */
+export const CONTROL_PATH_VARIABLE = "ONE_SOCKET_CONTROL";
+
+/**
+ * The control socket path to use: `explicit` if given, else
+ * `$ONE_SOCKET_CONTROL`, else the broker socket path ({@link resolveSocketPath})
+ * plus `.control`, the conventional `one-socket broker --control` path.
+ *
+ * @example
+ * ```ts
+ * import { resolveControlPath } from "./mod.ts";
+ * Deno.env.set("ONE_SOCKET_PATH", "/tmp/demo.socket");
+ * console.log(resolveControlPath()); // "/tmp/demo.socket.control" unless $ONE_SOCKET_CONTROL is set
+ * ```
+ */
+export function resolveControlPath(explicit?: string): string {
+  const path = explicit ?? environment(CONTROL_PATH_VARIABLE);
+  if (path !== undefined) return path;
+  const socket = resolveSocketPath();
+  // An abstract name has no directory to put a control socket file beside.
+  if (socket.startsWith("@")) {
+    throw new Error(
+      `the broker socket ${socket} is abstract, so there is no conventional control path: ` +
+        `give --control or $${CONTROL_PATH_VARIABLE}`,
+    );
+  }
+  return `${socket}.control`;
 }

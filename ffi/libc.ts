@@ -40,6 +40,11 @@ const symbols = {
   recvmsg: { parameters: ["i32", "buffer", "i32"], result: "i32" },
   // ssize_t send(int fd, const void *buf, size_t len, int flags)
   send: { parameters: ["i32", "buffer", "usize", "i32"], result: "i32" },
+  // ssize_t sendto(int fd, const void *buf, size_t len, int flags,
+  //                const struct sockaddr *addr, socklen_t addrlen)
+  sendto: { parameters: ["i32", "buffer", "usize", "i32", "buffer", "u32"], result: "i32" },
+  // int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
+  getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
   // ssize_t read(int fd, void *buf, size_t len)
   read: { parameters: ["i32", "buffer", "usize"], result: "i32" },
   // ssize_t write(int fd, const void *buf, size_t len)
@@ -54,6 +59,8 @@ const symbols = {
   getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
   // int setsockopt(int fd, int level, int name, const void *value, socklen_t len)
   setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
+  // int open(const char *path, int flags): the variadic mode is never needed (no O_CREAT)
+  open: { parameters: ["buffer", "i32"], result: "i32" },
   // int unlink(const char *path)
   unlink: { parameters: ["buffer"], result: "i32" },
   // int epoll_create1(int flags)
@@ -79,6 +86,14 @@ const symbols = {
   getuid: { parameters: [], result: "u32" },
   // pid_t getpid(void)
   getpid: { parameters: [], result: "i32" },
+  // int kill(pid_t pid, int sig)
+  kill: { parameters: ["i32", "i32"], result: "i32" },
+  // DIR *opendir(const char *name)
+  opendir: { parameters: ["buffer"], result: "pointer" },
+  // struct dirent *readdir(DIR *dir): only ever compared with NULL, never dereferenced
+  readdir: { parameters: ["pointer"], result: "pointer" },
+  // int closedir(DIR *dir)
+  closedir: { parameters: ["pointer"], result: "i32" },
   // int *__errno_location(void): the calling thread's errno
   __errno_location: { parameters: [], result: "pointer" },
 } as const satisfies Deno.ForeignLibraryInterface;
@@ -107,6 +122,10 @@ export function errno(): number {
 export const AF_UNIX = 1;
 /** `SOCK_STREAM` */
 export const SOCK_STREAM = 1;
+/** `SOCK_DGRAM` */
+export const SOCK_DGRAM = 2;
+/** `SOCK_SEQPACKET` */
+export const SOCK_SEQPACKET = 5;
 /** `SOCK_NONBLOCK` (as a flag to socket/accept4/socketpair) */
 export const SOCK_NONBLOCK = 0o4000;
 /** `SOCK_CLOEXEC` */
@@ -117,6 +136,12 @@ export const SOL_SOCKET = 1;
 export const SO_PEERCRED = 17;
 /** `SO_SNDBUF` */
 export const SO_SNDBUF = 7;
+/** `SO_TYPE` */
+export const SO_TYPE = 3;
+/** `SO_ACCEPTCONN`: whether `listen` was called on the socket. */
+export const SO_ACCEPTCONN = 30;
+/** `SO_DOMAIN` */
+export const SO_DOMAIN = 39;
 /** `SCM_RIGHTS` */
 export const SCM_RIGHTS = 1;
 /** `MSG_NOSIGNAL`: a write to a closed peer fails with EPIPE instead of raising SIGPIPE. */
@@ -127,8 +152,16 @@ export const MSG_CMSG_CLOEXEC = 0x40000000;
 export const MSG_CTRUNC = 0x8;
 /** `SHUT_WR` */
 export const SHUT_WR = 1;
+/** `F_GETFD` */
+export const F_GETFD = 1;
+/** `F_SETFD` */
+export const F_SETFD = 2;
+/** `FD_CLOEXEC` (descriptor flag, for F_GETFD/F_SETFD) */
+export const FD_CLOEXEC = 1;
 /** `F_GETFL` */
 export const F_GETFL = 3;
+/** `O_RDONLY | O_CLOEXEC` */
+export const O_RDONLY_CLOEXEC = 0o2000000;
 /** `F_SETFL` */
 export const F_SETFL = 4;
 /** `O_NONBLOCK` */
