@@ -7,7 +7,7 @@
  * `socketpair()`. From then on the two talk directly.
  *
  * Run as a program, this module is the `one-socket` command
- * (`broker`, `pair`, `help`, `--version`).
+ * (`broker`, `pair`, `ctl`, `help`, `--version`).
  *
  * @example Pair two peers through a broker
  * ```ts
@@ -30,6 +30,7 @@
 
 import denoConfig from "./deno.json" with { type: "json" };
 import { runBroker } from "./broker/cli.ts";
+import { runCtl } from "./broker/ctl.ts";
 import { runPair } from "./client/cli.ts";
 import { EXIT_USAGE } from "./client/command_line.ts";
 
@@ -42,8 +43,14 @@ export {
   type BrokerStats,
   type WaitingClient,
 } from "./broker/broker.ts";
+export {
+  type ControlClient,
+  type ControlServer,
+  type ControlStatus,
+  serveControl,
+} from "./broker/control.ts";
 export { BrokerMetrics, type DropReason, Histogram } from "./broker/metrics.ts";
-export { AccessPolicy, PolicyError, type PolicyRule } from "./broker/policy.ts";
+export { AccessPolicy, PolicyError, type PolicyRule, ReloadingPolicy } from "./broker/policy.ts";
 export {
   BrokerClosedError,
   BrokerConnection,
@@ -53,7 +60,9 @@ export {
 } from "./client/pair.ts";
 export { PairedSocket } from "./client/paired_socket.ts";
 export {
+  CONTROL_PATH_VARIABLE,
   defaultSocketPath,
+  resolveControlPath,
   resolveSocketPath,
   SOCKET_PATH_VARIABLE,
 } from "./client/socket_path.ts";
@@ -99,14 +108,16 @@ const USAGE = `Usage: one-socket COMMAND [OPTIONS]
 
 Commands:
   broker   run the SocketPair broker on a Unix socket
-  pair     get the socket paired on a key and bridge it to stdin/stdout
+  pair     get the socket paired on a key: bridge it to stdin/stdout, or run a program on it
+  ctl      ask a running broker (status, clients, kick, metrics) over its control socket
   help     show this help (or: one-socket COMMAND --help)
 
 Options:
   --version  print the version
 
 Environment:
-  ONE_SOCKET_PATH  broker socket path, for both the broker and its clients`;
+  ONE_SOCKET_PATH  broker socket path, for both the broker and its clients
+  ONE_SOCKET_CONTROL  control socket path for ctl (default: the socket path + ".control")`;
 
 /**
  * The `one-socket` command: dispatches to a subcommand and resolves to the
@@ -126,6 +137,8 @@ export function main(args: string[]): Promise<number> {
       return runBroker(rest);
     case "pair":
       return runPair(rest);
+    case "ctl":
+      return runCtl(rest);
     case "--version":
     case "-V":
       console.log(`one-socket ${VERSION}`);

@@ -18,26 +18,50 @@ import {
 import { parseCommandLine, runCommand, UsageError } from "../client/command_line.ts";
 import { resolveSocketPath } from "../client/socket_path.ts";
 import { raiseDescriptorLimit } from "../ffi/process.ts";
+import { Reactor } from "../ffi/reactor.ts";
 import { Broker } from "./broker.ts";
+import { serveControl } from "./control.ts";
+import { daemonize } from "./daemon.ts";
+import { getFileSink } from "./log_file.ts";
+import { ServiceNotifier } from "./notify.ts";
+import { ReloadingPolicy } from "./policy.ts";
+import { PidFile } from "./pidfile.ts";
+import { applySocketAccess, parseSocketMode, resolveGroup } from "./socket_access.ts";
+import { takeListener } from "./systemd.ts";
 
 /** Usage of `one-socket broker`. */
 export const BROKER_USAGE =
-  `Usage: one-socket broker [--socket PATH] [--log-level LEVEL] [--log-format text|json]
+  `Usage: one-socket broker [--socket PATH] [--control PATH] [--log-level LEVEL] [--log-format text|json]
 
-Serves SocketPair requests on a Unix socket until SIGINT or SIGTERM.
+Serves SocketPair requests on a Unix socket until SIGINT or SIGTERM. Under
+systemd it serves the socket passed by socket activation (LISTEN_FDS) and
+reports to NOTIFY_SOCKET (ready, status, watchdog, stopping).
 
 Options:
   --socket PATH        socket to listen on; default $ONE_SOCKET_PATH, else
                        /run/one.socket for root, $XDG_RUNTIME_DIR/one.socket,
                        or /tmp/one-socket-UID.socket. "@name" is an abstract socket.
+  --control PATH       also serve the control API (HTTP: status, clients, kick,
+                       metrics) on this Unix socket; by convention the socket
+                       path plus ".control", where one-socket ctl looks for it
   --log-level LEVEL    trace, debug, info (default), warning, error, fatal
   --log-format FORMAT  text (default) or json (one object per line)
+  --log-file PATH      append the log to PATH instead of stderr; SIGHUP reopens it
+  --pidfile PATH       write the broker's pid to PATH, removed on exit; refused
+                       while PATH names another running process
+  --daemon             run in the background: exit 0 once the broker serves, or
+                       1 with its error (for hosts without a service manager)
+  --socket-mode MODE   permission bits of the socket file, e.g. 0660
+  --socket-group GROUP group (name or gid) of the socket file; neither applies
+                       to a socket passed by systemd (its unit sets them)
   --handshake-timeout SECONDS  close a connection that has not sent its whole
                        request within SECONDS (default 5)
   --pair-timeout SECONDS  close a request still unpaired after SECONDS
                        (default: wait forever)
   --max-waiting-per-uid N  most clients of one uid waiting at once (default: no limit)
   --isolate-uids       pair only clients of the same uid
+  --policy FILE        access policy (JSON, or TOML if FILE ends in .toml): which
+                       uids/gids may use which keys; deny by default; SIGHUP reloads
   -h, --help           show this help`;
 
 const ALL_LEVELS_TO_STDERR = {
@@ -49,22 +73,29 @@ const ALL_LEVELS_TO_STDERR = {
   fatal: "error",
 } as const;
 
-async function configureLogging(level: LogLevel, format: string): Promise<void> {
+async function configureLogging(level: LogLevel, format: string, file?: string): Promise<void> {
   const formatter = format === "json" ? jsonLinesFormatter : getTextFormatter({
     timestamp: "date-time-timezone",
     value: "bare",
   });
   await configure({
-    // The console sink would print info and debug with console.info/debug, i.e. to stdout.
-    sinks: { stderr: getConsoleSink({ formatter, levelMap: ALL_LEVELS_TO_STDERR }) },
+    sinks: {
+      log: file === undefined
+        // The console sink would print info and debug with console.info/debug, i.e. to stdout.
+        ? getConsoleSink({ formatter, levelMap: ALL_LEVELS_TO_STDERR })
+        : getFileSink(file, formatter),
+    },
     loggers: [
-      { category: ["one-socket"], lowestLevel: level, sinks: ["stderr"] },
-      { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["stderr"] },
+      { category: ["one-socket"], lowestLevel: level, sinks: ["log"] },
+      { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["log"] },
     ],
   });
 }
 
 const logger = getLogger(["one-socket", "broker"]);
+
+/** How long the broker's loop waits on its own thread after activity (see Reactor.setLinger). */
+const DAEMON_LINGER_MS = 2;
 
 /** Descriptors the runtime, the listener and the reactor keep for themselves. */
 const RESERVED_DESCRIPTORS = 32;
@@ -85,6 +116,12 @@ function count(flag: string, text: string): number {
   return value;
 }
 
+/** The line `systemctl status` shows. */
+function serviceStatus(broker: Broker): string {
+  const { waiting, paired } = broker.stats;
+  return `serving ${broker.path}: ${waiting} waiting, ${paired} paired since start`;
+}
+
 /** Resolves on the first SIGINT or SIGTERM. */
 function shutdownSignal(): Promise<Deno.Signal> {
   return new Promise((resolve) => {
@@ -102,12 +139,19 @@ export function runBroker(args: string[]): Promise<number> {
   return runCommand("broker", BROKER_USAGE, async () => {
     const { values, positionals } = parseCommandLine(args, {
       socket: { type: "string" },
+      control: { type: "string" },
       "log-level": { type: "string", default: "info" },
       "log-format": { type: "string", default: "text" },
       "handshake-timeout": { type: "string", default: "5" },
       "pair-timeout": { type: "string" },
       "max-waiting-per-uid": { type: "string" },
       "isolate-uids": { type: "boolean", default: false },
+      policy: { type: "string" },
+      "log-file": { type: "string" },
+      pidfile: { type: "string" },
+      daemon: { type: "boolean", default: false },
+      "socket-mode": { type: "string" },
+      "socket-group": { type: "string" },
       help: { type: "boolean", short: "h" },
     });
     if (values.help) {
@@ -134,23 +178,59 @@ export function runBroker(args: string[]): Promise<number> {
     const maxWaitingPerUid = perUid === undefined
       ? undefined
       : count("--max-waiting-per-uid", perUid);
-    await configureLogging(level, format);
-    const limit = raiseDescriptorLimit();
+    const mode = values["socket-mode"];
+    const group = values["socket-group"];
+    const access = {
+      mode: mode === undefined ? undefined : parseSocketMode(mode),
+      gid: group === undefined ? undefined : resolveGroup(group),
+    };
+    if (values.daemon) {
+      await daemonize(values["log-file"]);
+      return 0;
+    }
+    using notifier = ServiceNotifier.fromEnvironment(Deno.env.toObject(), Deno.pid);
     try {
+      await configureLogging(level, format, values["log-file"]);
+      const limit = raiseDescriptorLimit();
+      // Listening for signals from the start: a stop while starting, or right after
+      // READY=1, still ends in a graceful shutdown.
+      const stop = shutdownSignal();
+      using _pidfile = values.pidfile === undefined ? undefined : PidFile.create(values.pidfile);
+      using policy = values.policy === undefined
+        ? undefined
+        : await ReloadingPolicy.load(values.policy);
+      const inherited = takeListener();
+      // A daemon's JavaScript thread has nothing better to do than wait for its sockets.
+      Reactor.instance().setLinger(DAEMON_LINGER_MS);
       const broker = await Broker.listen({
-        path: resolveSocketPath(values.socket),
+        path: inherited?.path ?? resolveSocketPath(values.socket),
+        listenFd: inherited?.fd,
         handshakeTimeoutMs,
         pairTimeoutMs,
         maxWaitingPerUid,
         isolateUids: values["isolate-uids"],
+        authorize: policy?.authorize,
       });
       logger.info("descriptor limit {soft} (hard {hard}): room for about {clients} clients", {
         ...limit,
         clients: limit.soft - RESERVED_DESCRIPTORS,
       });
-      await shutdownSignal();
-      await broker.close();
+      try {
+        if (inherited === undefined) applySocketAccess(broker.path, access);
+        const control = values.control === undefined
+          ? undefined
+          : await serveControl(broker, values.control);
+        notifier.ready(() => serviceStatus(broker));
+        await stop;
+        notifier.stopping();
+        await control?.close();
+      } finally {
+        await broker.close();
+      }
       return 0;
+    } catch (error) {
+      notifier.failed(error);
+      throw error;
     } finally {
       await dispose();
     }

@@ -23,6 +23,7 @@
  * @module
  */
 
+import { getLogger } from "@logtape/logtape";
 import { parse as parseToml } from "smol-toml";
 import { type Mode, MODES } from "../client/protocol.ts";
 import type { AccessDecision, AccessRequest } from "./broker.ts";
@@ -89,6 +90,8 @@ function globToRegExp(glob: string): RegExp {
   }
   return new RegExp(`^${source}$`);
 }
+
+const logger = getLogger(["one-socket", "policy"]);
 
 const RULE_FIELDS = new Set([
   "action",
@@ -230,5 +233,62 @@ export class AccessPolicy {
       return { allowed: rule.allow, rule: rule.description, crossUid: rule.crossUid };
     }
     return { allowed: false, rule: `${this.source} default (no rule matched)` };
+  }
+}
+
+/**
+ * A policy file kept current: loaded at start and again on every SIGHUP. A
+ * reload that fails keeps the policy in force and logs why, so a typo never
+ * opens the broker to everyone or closes it to all.
+ *
+ * @example
+ * ```ts
+ * import { Broker, ReloadingPolicy } from "./mod.ts";
+ * using policy = await ReloadingPolicy.load("/etc/one-socket/policy.toml");
+ * await using _broker = await Broker.listen({ path: "/tmp/b.socket", authorize: policy.authorize });
+ * ```
+ */
+export class ReloadingPolicy implements Disposable {
+  #current: AccessPolicy;
+  readonly #path: string;
+  readonly #onHangup = () => this.reload();
+
+  private constructor(path: string, policy: AccessPolicy) {
+    this.#path = path;
+    this.#current = policy;
+    Deno.addSignalListener("SIGHUP", this.#onHangup);
+  }
+
+  /** Loads `path` (throwing {@link PolicyError} if it is unusable) and reloads it on SIGHUP. */
+  static async load(path: string): Promise<ReloadingPolicy> {
+    const policy = await AccessPolicy.load(path);
+    logger.info("access policy {path}: {rules} rules", { path, rules: policy.size });
+    return new ReloadingPolicy(path, policy);
+  }
+
+  /** The policy in force. */
+  get current(): AccessPolicy {
+    return this.#current;
+  }
+
+  /** Decides with the policy in force: pass it as the broker's `authorize`. */
+  readonly authorize = (request: AccessRequest): AccessDecision => this.#current.decide(request);
+
+  /** Reads the file again; on failure the previous policy stays in force. */
+  async reload(): Promise<void> {
+    try {
+      this.#current = await AccessPolicy.load(this.#path);
+      logger.info("reloaded access policy {path}: {rules} rules", {
+        path: this.#path,
+        rules: this.#current.size,
+      });
+    } catch (error) {
+      logger.error("kept the previous access policy: {error}", { error: (error as Error).message });
+    }
+  }
+
+  /** Stops listening for SIGHUP. */
+  [Symbol.dispose](): void {
+    Deno.removeSignalListener("SIGHUP", this.#onHangup);
   }
 }

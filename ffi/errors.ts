@@ -9,6 +9,7 @@
 const ERRNO_NAMES: Record<number, [name: string, text: string]> = {
   1: ["EPERM", "operation not permitted"],
   2: ["ENOENT", "no such file or directory"],
+  3: ["ESRCH", "no such process"],
   4: ["EINTR", "interrupted system call"],
   5: ["EIO", "input/output error"],
   9: ["EBADF", "bad file descriptor"],
@@ -42,7 +43,9 @@ const ERRNO_NAMES: Record<number, [name: string, text: string]> = {
 
 /** errno values the rest of the code branches on. */
 export const Errno = {
+  EPERM: 1,
   ENOENT: 2,
+  ESRCH: 3,
   EINTR: 4,
   EAGAIN: 11,
   EMFILE: 24,
@@ -105,4 +108,19 @@ export class OsError extends Error {
     this.errno = errno;
     if (path !== undefined) this.path = path;
   }
+}
+
+const ERRNO_BY_NAME = new Map(
+  Object.entries(ERRNO_NAMES).map(([errno, [name]]) => [name, Number(errno)]),
+);
+
+/**
+ * A failed Deno file system call as an {@link OsError} naming `syscall` and
+ * `path` (Deno's own message has the path but not the errno name). Errors
+ * without a known errno name come back unchanged.
+ */
+export function fileError(error: unknown, syscall: string, path: string): unknown {
+  const code = (error as { code?: unknown } | null)?.code;
+  const errno = typeof code === "string" ? ERRNO_BY_NAME.get(code) : undefined;
+  return errno === undefined ? error : new OsError(syscall, errno, path);
 }

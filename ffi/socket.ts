@@ -11,17 +11,25 @@
 import {
   AF_UNIX,
   errno,
+  F_GETFD,
   F_GETFL,
+  F_SETFD,
   F_SETFL,
+  FD_CLOEXEC,
   libc,
   MSG_CMSG_CLOEXEC,
   MSG_NOSIGNAL,
   O_NONBLOCK,
   SHUT_WR,
   sizeArgument,
+  SO_ACCEPTCONN,
+  SO_DOMAIN,
   SO_PEERCRED,
+  SO_TYPE,
   SOCK_CLOEXEC,
+  SOCK_DGRAM,
   SOCK_NONBLOCK,
+  SOCK_SEQPACKET,
   SOCK_STREAM,
   SOL_SOCKET,
 } from "./libc.ts";
@@ -31,7 +39,9 @@ import {
   cString,
   type MessageHeader,
   type PeerCredentials,
+  readSockaddrUn,
   readUcred,
+  SOCKADDR_UN_SIZE,
   sockaddrUn,
   UCRED_SIZE,
 } from "./structs.ts";
@@ -91,25 +101,79 @@ export function closeDescriptor(fd: number): void {
   libc.close(fd);
 }
 
-function newStreamSocket(path: string): number {
-  const fd = libc.socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+function newSocket(type: number, path: string): number {
+  const fd = libc.socket(AF_UNIX, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) throw new OsError("socket", errno(), path);
   return fd;
 }
 
-/** Binds a new nonblocking socket to `path` and listens on it. */
-export function listenUnix(path: string, backlog: number): UnixSocket {
+/** A new nonblocking socket of `type` bound to `path`, then `prepare`d. */
+function boundSocket(type: number, path: string, prepare?: (fd: number) => void): UnixSocket {
   const address = sockaddrUn(path);
-  const socket = new UnixSocket(newStreamSocket(path));
+  const socket = new UnixSocket(newSocket(type, path));
   try {
     if (libc.bind(socket.fd, address, address.length) < 0) {
       throw new OsError("bind", errno(), path);
     }
-    if (libc.listen(socket.fd, backlog) < 0) throw new OsError("listen", errno(), path);
+    prepare?.(socket.fd);
     return socket;
   } catch (error) {
     socket.close();
     throw error;
+  }
+}
+
+/** Binds a new nonblocking socket to `path` and listens on it. */
+export function listenUnix(path: string, backlog: number): UnixSocket {
+  return boundSocket(SOCK_STREAM, path, (fd) => {
+    if (libc.listen(fd, backlog) < 0) throw new OsError("listen", errno(), path);
+  });
+}
+
+/** Binds a new nonblocking datagram socket to `path`, to receive with {@link receiveDatagram}. */
+export function bindDatagram(path: string): UnixSocket {
+  return boundSocket(SOCK_DGRAM, path);
+}
+
+/**
+ * Sends one datagram to the socket bound at `path`, from a fresh unbound
+ * socket (as sd_notify does). Nonblocking: a receiver whose queue is full
+ * costs an `EAGAIN`, never a stalled caller.
+ */
+export function sendDatagram(path: string, bytes: Uint8Array<ArrayBuffer>): void {
+  const address = sockaddrUn(path);
+  using socket = new UnixSocket(newSocket(SOCK_DGRAM, path));
+  const sent = libc.sendto(
+    socket.fd,
+    bytes,
+    sizeArgument(bytes.length),
+    MSG_NOSIGNAL,
+    address,
+    address.length,
+  );
+  if (sent < 0) throw new OsError("sendto", errno(), path);
+}
+
+/** The next datagram already queued on `socket` (a view into `buffer`), or undefined. */
+export function pollDatagram(
+  socket: UnixSocket,
+  buffer: Uint8Array<ArrayBuffer>,
+): Uint8Array | undefined {
+  const count = readInto(socket.fd, buffer);
+  if (count >= 0) return buffer.subarray(0, count);
+  if (count === -Errno.EAGAIN) return undefined;
+  throw new OsError("recv", -count);
+}
+
+/** Waits for the next datagram on `socket` and returns it (a view into `buffer`). */
+export async function receiveDatagram(
+  socket: UnixSocket,
+  buffer: Uint8Array<ArrayBuffer>,
+): Promise<Uint8Array> {
+  for (;;) {
+    const datagram = pollDatagram(socket, buffer);
+    if (datagram !== undefined) return datagram;
+    await socket.readiness.readable();
   }
 }
 
@@ -124,7 +188,7 @@ export async function connectUnix(path: string, signal?: AbortSignal): Promise<U
   const address = sockaddrUn(path);
   for (let attempt = 0;; attempt++) {
     signal?.throwIfAborted();
-    const socket = new UnixSocket(newStreamSocket(path));
+    const socket = new UnixSocket(newSocket(SOCK_STREAM, path));
     if (libc.connect(socket.fd, address, address.length) === 0) return socket;
     const code = errno();
     socket.close();
@@ -200,6 +264,67 @@ export function peerCredentials(fd: number): PeerCredentials {
     throw new OsError("getsockopt SO_PEERCRED", errno());
   }
   return readUcred(ucred);
+}
+
+const DOMAIN_NAMES: Record<number, string> = { [AF_UNIX]: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6" };
+const TYPE_NAMES: Record<number, string> = {
+  [SOCK_STREAM]: "SOCK_STREAM",
+  [SOCK_DGRAM]: "SOCK_DGRAM",
+  [SOCK_SEQPACKET]: "SOCK_SEQPACKET",
+};
+
+/** What a socket descriptor is, as `getsockopt` tells. */
+export interface SocketKind {
+  /** Its address family: `AF_UNIX`, `AF_INET`… */
+  domain: string;
+  /** Its type: `SOCK_STREAM`, `SOCK_DGRAM`… */
+  type: string;
+  /** Whether `listen` was called on it. */
+  listening: boolean;
+}
+
+const intOption = new Int32Array(1);
+const intOptionLength = new Uint32Array(1);
+
+function socketOption(fd: number, option: number, name: string): number {
+  intOptionLength[0] = 4;
+  if (libc.getsockopt(fd, SOL_SOCKET, option, intOption, intOptionLength) < 0) {
+    throw new OsError(`getsockopt ${name}`, errno(), `fd ${fd}`);
+  }
+  return intOption[0];
+}
+
+/** Family, type and listening state of `fd`; `ENOTSOCK` when it is not a socket. */
+export function socketKind(fd: number): SocketKind {
+  const domain = socketOption(fd, SO_DOMAIN, "SO_DOMAIN");
+  const type = socketOption(fd, SO_TYPE, "SO_TYPE");
+  return {
+    domain: DOMAIN_NAMES[domain] ?? `AF_${domain}`,
+    type: TYPE_NAMES[type] ?? `SOCK_${type}`,
+    listening: socketOption(fd, SO_ACCEPTCONN, "SO_ACCEPTCONN") !== 0,
+  };
+}
+
+/** The path a Unix socket is bound to (`@name` when abstract, "" when unbound). */
+export function socketPath(fd: number): string {
+  const address = new Uint8Array(SOCKADDR_UN_SIZE);
+  const length = new Uint32Array([SOCKADDR_UN_SIZE]);
+  if (libc.getsockname(fd, address, length) < 0) {
+    throw new OsError("getsockname", errno(), `fd ${fd}`);
+  }
+  return readSockaddrUn(address.subarray(0, length[0]));
+}
+
+/**
+ * Sets or clears close-on-exec on `fd`: an inherited descriptor stays ours
+ * alone, and one meant for a child can be handed over.
+ */
+export function setCloseOnExec(fd: number, on: boolean): void {
+  const flags = libc.fcntl(fd, F_GETFD, 0);
+  const wanted = on ? flags | FD_CLOEXEC : flags & ~FD_CLOEXEC;
+  if (flags < 0 || libc.fcntl(fd, F_SETFD, wanted) < 0) {
+    throw new OsError("fcntl F_SETFD", errno(), `fd ${fd}`);
+  }
 }
 
 /** Removes a socket file; a missing file is not an error. */

@@ -9,6 +9,7 @@
 import { AF_UNIX, SCM_RIGHTS, SOL_SOCKET } from "./libc.ts";
 
 const encoder = new TextEncoder();
+const decoder = new TextDecoder();
 
 /** `sizeof(sun_path)`: a filesystem path may use 107 bytes plus its NUL. */
 const SUN_PATH_SIZE = 108;
@@ -35,6 +36,21 @@ export function sockaddrUn(path: string): Uint8Array {
   address[0] = AF_UNIX; // sa_family_t is little-endian u16
   address.set(name, abstract ? 3 : 2);
   return address;
+}
+
+/** `sizeof(struct sockaddr_un)` */
+export const SOCKADDR_UN_SIZE: number = 2 + SUN_PATH_SIZE;
+
+/**
+ * The path in a `struct sockaddr_un` of the length the kernel reported:
+ * `@name` for an abstract address, "" for an unbound socket.
+ */
+export function readSockaddrUn(address: Uint8Array): string {
+  const name = address.subarray(2);
+  if (name.length === 0) return "";
+  if (name[0] === 0) return `@${decoder.decode(name.subarray(1))}`;
+  const end = name.indexOf(0);
+  return decoder.decode(end < 0 ? name : name.subarray(0, end));
 }
 
 /** A NUL-terminated C string. */

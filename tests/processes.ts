@@ -10,7 +10,14 @@ import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 
 export const MOD = fileURLToPath(new URL("../mod.ts", import.meta.url));
-export const PERMISSIONS = ["--allow-ffi", "--allow-read", "--allow-write", "--allow-env"];
+// The `start` task's set: --allow-net is for the control socket (Deno counts a Unix socket as net).
+export const PERMISSIONS = [
+  "--allow-ffi",
+  "--allow-read",
+  "--allow-write",
+  "--allow-env",
+  "--allow-net",
+];
 /** Bound on any wait for a child process: readiness, a log line, an exit. */
 export const WAIT_MS = 10_000;
 const POLL_MS = 20;
@@ -35,6 +42,8 @@ export interface SpawnOptions {
   stdin?: boolean;
   /** Run under this descriptor limit (soft and hard), through `sh -c 'ulimit -n N; exec …'`. */
   descriptorLimit?: number;
+  /** The program and first arguments that run `one-socket`; default: `deno run` {@link MOD}. */
+  command?: string[];
 }
 
 /** One `one-socket` process: its output is collected from the start. */
@@ -54,7 +63,7 @@ export class Cli {
 
   constructor(args: string[], options: SpawnOptions = {}) {
     this.args = args;
-    const command = [Deno.execPath(), "run", ...PERMISSIONS, MOD, ...args];
+    const command = [...options.command ?? [Deno.execPath(), "run", ...PERMISSIONS, MOD], ...args];
     const limited = options.descriptorLimit !== undefined;
     this.#child = new Deno.Command(limited ? "sh" : command[0], {
       args: limited
