@@ -1,32 +1,65 @@
 /**
  * `one-socket pair`: get a paired socket and bridge it to standard input and
- * output, like `nc -U` for a broker key.
+ * output, like `nc -U` for a broker key, or run a program on it.
  *
  * @module
  */
 
-import { parseCommandLine, runCommand, UsageError } from "./command_line.ts";
+import { ExitError, parseCommandLine, runCommand, UsageError } from "./command_line.ts";
+import { execOnSocket, resolveProgram } from "./exec.ts";
 import { getPair } from "./pair.ts";
-import { parseMode } from "./protocol.ts";
+import { describeKey, keyBytes, parseMode } from "./protocol.ts";
+
+/** Exit code when no peer came within `--timeout`. */
+export const EXIT_NO_PEER = 3;
 
 /** Usage of `one-socket pair`. */
-export const PAIR_USAGE = `Usage: one-socket pair KEY [--mode none|client|server] [--socket PATH]
+export const PAIR_USAGE =
+  `Usage: one-socket pair KEY [--mode none|client|server] [--socket PATH] [--timeout SECONDS]
+       one-socket pair KEY [OPTIONS] --exec [--stdio] -- PROGRAM [ARGS...]
 
 Waits for the peer that asks for KEY in a compatible mode (none pairs with
 none, client with server), then copies standard input to the peer and the
 peer's bytes to standard output. Exits 0 once both directions have ended.
 
+With --exec, runs PROGRAM on the socket instead: as descriptor 3, with
+LISTEN_FDS=1, LISTEN_PID and LISTEN_FDNAMES set as socket-activated programs
+expect, or with --stdio as its standard input and output (like inetd).
+ONE_SOCKET_FD and ONE_SOCKET_KEY tell it the descriptor and the key. SIGINT
+and SIGTERM are passed on to it, and its exit status becomes ours.
+
 Options:
-  --mode MODE     none (default), client or server
-  --socket PATH   broker socket (default: $ONE_SOCKET_PATH, else the default path)
-  -h, --help      show this help`;
+  --mode MODE        none (default), client or server
+  --socket PATH      broker socket (default: $ONE_SOCKET_PATH, else the default path)
+  --timeout SECONDS  give up if no peer came within SECONDS
+  --exec             run PROGRAM (given after --) on the socket
+  --stdio            with --exec: the socket is PROGRAM's stdin and stdout, not fd 3
+  -h, --help         show this help
+
+Exit codes: 0 done, 1 error, 2 usage error, 3 no peer within --timeout;
+with --exec, PROGRAM's status (128+N if signal N ended it), or 127 if
+PROGRAM is not found and 126 if it is not executable.`;
+
+function seconds(flag: string, text: string): number {
+  const value = Number(text);
+  if (!(value > 0) || !Number.isFinite(value)) {
+    throw new UsageError(`${flag} takes a positive number of seconds, not ${text}`);
+  }
+  return value;
+}
 
 /** Runs `one-socket pair` with `args`; resolves to the exit code. */
 export function runPair(args: string[]): Promise<number> {
   return runCommand("pair", PAIR_USAGE, async () => {
-    const { values, positionals } = parseCommandLine(args, {
+    // Everything after "--" is PROGRAM's, however much it looks like our flags.
+    const end = args.indexOf("--");
+    const command = end < 0 ? undefined : args.slice(end + 1);
+    const { values, positionals } = parseCommandLine(end < 0 ? args : args.slice(0, end), {
       mode: { type: "string", default: "none" },
       socket: { type: "string" },
+      timeout: { type: "string" },
+      exec: { type: "boolean", default: false },
+      stdio: { type: "boolean", default: false },
       help: { type: "boolean", short: "h" },
     });
     if (values.help) {
@@ -36,13 +69,37 @@ export function runPair(args: string[]): Promise<number> {
     if (positionals.length !== 1) {
       throw new UsageError(positionals.length === 0 ? "missing KEY" : "expected one KEY");
     }
+    const key = positionals[0];
+    if (values.exec && !command?.length) throw new UsageError("--exec needs a PROGRAM after --");
+    if (!values.exec && command !== undefined) {
+      throw new UsageError("a PROGRAM after -- needs --exec");
+    }
+    if (values.stdio && !values.exec) throw new UsageError("--stdio goes with --exec");
     let mode;
     try {
       mode = parseMode(values.mode);
     } catch (error) {
       throw new UsageError((error as Error).message);
     }
-    const socket = await getPair(positionals[0], { socket: values.socket, mode });
+    const timeout = values.timeout === undefined ? undefined : seconds("--timeout", values.timeout);
+    const program = command === undefined ? undefined : resolveProgram(command[0]);
+
+    const signal = timeout === undefined ? undefined : AbortSignal.timeout(timeout * 1000);
+    let socket;
+    try {
+      socket = await getPair(key, { socket: values.socket, mode, signal });
+    } catch (error) {
+      if (signal?.aborted && error === signal.reason) {
+        throw new ExitError(
+          `no peer for key "${describeKey(keyBytes(key))}" within ${timeout} s`,
+          EXIT_NO_PEER,
+        );
+      }
+      throw error;
+    }
+    if (program !== undefined) {
+      return await execOnSocket(socket, program, command!.slice(1), { key, stdio: values.stdio });
+    }
     try {
       await Promise.all([
         Deno.stdin.readable.pipeTo(socket.writable),

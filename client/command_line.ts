@@ -12,6 +12,25 @@ export const EXIT_USAGE = 2;
 /** Exit code for a failure while running. */
 export const EXIT_FAILURE = 1;
 
+/**
+ * A failure with an exit code of its own (a timeout, a program that cannot be
+ * run), so that scripts can tell it from other failures; its message is one line.
+ */
+export class ExitError extends Error {
+  /** The process exit code. */
+  readonly exitCode: number;
+
+  /**
+   * @param message what happened, without the `one-socket COMMAND:` prefix
+   * @param exitCode the process exit code
+   */
+  constructor(message: string, exitCode: number) {
+    super(message);
+    this.name = "ExitError";
+    this.exitCode = exitCode;
+  }
+}
+
 /** A command line that could not be understood; its message is shown above the usage. */
 export class UsageError extends Error {
   /** @param message what was wrong */
@@ -35,7 +54,7 @@ export function parseCommandLine<T extends ParseArgsConfig["options"]>(
 
 /**
  * Runs a subcommand: a {@link UsageError} prints the message and `usage` and
- * exits 2; any other error prints one line and exits 1.
+ * exits 2; any other error prints one line and exits 1, or with an {@link ExitError}'s code.
  */
 export async function runCommand(
   name: string,
@@ -50,6 +69,6 @@ export async function runCommand(
       return EXIT_USAGE;
     }
     console.error(`one-socket ${name}: ${error instanceof Error ? error.message : error}`);
-    return EXIT_FAILURE;
+    return error instanceof ExitError ? error.exitCode : EXIT_FAILURE;
   }
 }

@@ -1,0 +1,165 @@
+/**
+ * Running a program on a paired socket, the way socket-activated services and
+ * inetd services expect to receive one: `one-socket pair --exec`.
+ *
+ * @module
+ */
+
+import { type ChildProcess, spawn } from "node:child_process";
+import { constants } from "node:os";
+import { resolve } from "node:path";
+import { ExitError } from "./command_line.ts";
+import type { PairedSocket } from "./paired_socket.ts";
+
+/** Exit code when PROGRAM cannot be found, as shells and `env` use it. */
+export const EXIT_NOT_FOUND = 127;
+/** Exit code when PROGRAM exists but is not executable, as shells and `env` use it. */
+export const EXIT_NOT_EXECUTABLE = 126;
+
+/** What execvp searches when PATH is unset. */
+const DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin";
+
+/**
+ * Finds `name` the way execvp would (as given when it holds a slash, else on
+ * PATH) and returns it as an absolute path, so that a name starting with `-`
+ * cannot be taken for an option by the shell's `exec`.
+ *
+ * Checking before pairing means a typo fails at once, not after a peer has
+ * been taken from the broker.
+ *
+ * @example
+ * ```ts
+ * import { resolveProgram } from "./exec.ts";
+ * console.log(resolveProgram("sh")); // "/usr/bin/sh", say
+ * ```
+ */
+export function resolveProgram(name: string): string {
+  const candidates = name.includes("/")
+    ? [resolve(name)]
+    : (Deno.env.get("PATH") ?? DEFAULT_PATH).split(":").map((dir) => resolve(dir, name));
+  let notExecutable: string | undefined;
+  for (const path of candidates) {
+    let info: Deno.FileInfo;
+    try {
+      info = Deno.statSync(path);
+    } catch {
+      continue; // missing here, or a PATH directory we may not search: execvp moves on too
+    }
+    if (!info.isFile) continue;
+    if ((info.mode ?? 0) & 0o111) return path;
+    notExecutable ??= path;
+  }
+  if (notExecutable !== undefined) {
+    throw new ExitError(`exec ${notExecutable}: EACCES (not executable)`, EXIT_NOT_EXECUTABLE);
+  }
+  const where = name.includes("/") ? "no such file" : "not found in PATH";
+  throw new ExitError(`exec ${name}: ENOENT (${where})`, EXIT_NOT_FOUND);
+}
+
+/** Options of {@link execOnSocket}. */
+export interface ExecOptions {
+  /** The key the socket was paired on, for `ONE_SOCKET_KEY` and `LISTEN_FDNAMES`. */
+  key: string;
+  /** Put the socket on standard input and output (inetd style) instead of descriptor 3. */
+  stdio?: boolean;
+}
+
+const SHELL = "/bin/sh";
+// systemd-socket-activate sets LISTEN_PID in its child between fork and exec;
+// a Deno child runs no code of ours there. A shell can: `$$` is its own pid,
+// which `exec` keeps for PROGRAM. PROGRAM and its arguments arrive as "$0"
+// "$@", so the shell parses none of them.
+const SET_LISTEN_PID = 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"';
+
+/** sd_listen_fds_with_names() accepts 1..255 printable ASCII characters without a colon. */
+function descriptorName(key: string): string {
+  return /^[\x20-\x39\x3b-\x7e]{1,255}$/.test(key) ? key : "one-socket";
+}
+
+const FORWARDED_SIGNALS = ["SIGINT", "SIGTERM"] as const;
+
+/** Resolves to the child's exit code (128+N if signal N ended it); passes SIGINT and SIGTERM on. */
+function exitCode(child: ChildProcess, program: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    // Not child.kill(): on Deno 2.9.6 it makes the exit event report that signal even
+    // when the program caught it and exited with a status of its own.
+    const forwarders = FORWARDED_SIGNALS.map((signal) => () => {
+      try {
+        Deno.kill(child.pid!, signal);
+      } catch {
+        // it has exited; its exit event is on the way
+      }
+    });
+    FORWARDED_SIGNALS.forEach((signal, i) => Deno.addSignalListener(signal, forwarders[i]));
+    const stopForwarding = () =>
+      FORWARDED_SIGNALS.forEach((signal, i) => Deno.removeSignalListener(signal, forwarders[i]));
+    child.once("error", (error: Error & { code?: string }) => {
+      stopForwarding();
+      reject(new Error(`spawn ${program}: ${error.code ?? error.message}`));
+    });
+    child.once("exit", (code, signal) => {
+      stopForwarding();
+      resolve(code ?? 128 + constants.signals[signal as keyof typeof constants.signals]);
+    });
+  });
+}
+
+/**
+ * Runs `program` (an absolute path, see {@link resolveProgram}) with `socket`
+ * and resolves to its exit code once it ends. Closes our copy of the socket
+ * right after the spawn, so the peer sees end of stream as soon as the program
+ * closes its own.
+ *
+ * By default the socket is descriptor 3 with `LISTEN_FDS=1`, `LISTEN_PID` (the
+ * program's pid) and `LISTEN_FDNAMES` (the key, if it is a valid name, else
+ * `one-socket`), which socket-activated programs accept; with `stdio` it is
+ * descriptors 0 and 1 and no `LISTEN_*` variable is passed. Either way
+ * `ONE_SOCKET_FD` names the descriptor and `ONE_SOCKET_KEY` holds the key.
+ *
+ * The socket must not have been read or written: it reaches the program as
+ * the blocking socket the broker created.
+ *
+ * @example
+ * ```ts
+ * import { getPair } from "../mod.ts";
+ * import { execOnSocket, resolveProgram } from "./exec.ts";
+ * const socket = await getPair("echo-service", { mode: "server" });
+ * const code = await execOnSocket(socket, resolveProgram("cat"), [], {
+ *   key: "echo-service",
+ *   stdio: true,
+ * });
+ * Deno.exit(code);
+ * ```
+ */
+export function execOnSocket(
+  socket: PairedSocket,
+  program: string,
+  args: string[],
+  options: ExecOptions,
+): Promise<number> {
+  const fd = socket.fd;
+  const env = Deno.env.toObject();
+  // Variables addressed to us, if we were socket-activated ourselves, are not the program's.
+  delete env.LISTEN_FDS;
+  delete env.LISTEN_PID;
+  delete env.LISTEN_FDNAMES;
+  env.ONE_SOCKET_KEY = options.key;
+  let child: ChildProcess;
+  try {
+    if (options.stdio) {
+      env.ONE_SOCKET_FD = "0";
+      child = spawn(program, args, { stdio: [fd, fd, "inherit"], env });
+    } else {
+      env.ONE_SOCKET_FD = "3";
+      env.LISTEN_FDS = "1";
+      env.LISTEN_FDNAMES = descriptorName(options.key);
+      child = spawn(SHELL, ["-c", SET_LISTEN_PID, program, ...args], {
+        stdio: ["inherit", "inherit", "inherit", fd],
+        env,
+      });
+    }
+  } finally {
+    socket.close();
+  }
+  return exitCode(child, options.stdio ? program : SHELL);
+}
