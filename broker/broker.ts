@@ -288,6 +288,7 @@ export class Broker implements AsyncDisposable {
     const connection = this.#connections.get(id);
     if (connection === undefined) return false;
     logger.info("disconnecting client {id} on request", { id });
+    this.metrics.countDrop("kicked");
     this.#disconnect(connection);
     return true;
   }

@@ -140,6 +140,7 @@ function metrics(broker: Broker): Response {
     accepted: counters.accepted,
     paired: counters.paired,
     acceptPauses: counters.acceptPauses,
+    descriptorExhaustions: counters.descriptorExhaustions,
     protocolErrors: counters.protocolErrors,
     dropped: counters.dropped,
     pairWait: counters.pairWait,

@@ -69,14 +69,16 @@ interface Table<T> {
   count: number;
 }
 
-// The FIFO of one (key, mode). It keeps its own copy of the key, so that the
-// matcher never retains the caller's (possibly much larger) frame buffer.
+// The FIFO of one (key, mode). It keeps its own copy of the key, one char per
+// byte: a V8 one-byte string costs a few dozen bytes where a typed array copy
+// costs an ArrayBuffer, a malloc'd store and GC bookkeeping. Being a copy, it
+// never retains the caller's (possibly much larger) frame buffer.
 class Queue<T> {
   head: Entry<T> | undefined = undefined;
   tail: Entry<T> | undefined = undefined;
   /** The next queue in the same bucket (another key with the same hash). */
   chain: Queue<T> | undefined = undefined;
-  constructor(readonly key: Uint8Array, readonly hash: number, readonly table: Table<T>) {}
+  constructor(readonly key: string, readonly hash: number, readonly table: Table<T>) {}
 }
 
 // A node of the intrusive list: the only allocation per waiter besides its
@@ -89,7 +91,10 @@ class Entry<T> implements Waiter<T> {
   constructor(readonly item: T, readonly queue: Queue<T>) {}
 
   get key(): Uint8Array {
-    return this.queue.key.slice();
+    const key = this.queue.key;
+    const bytes = new Uint8Array(key.length);
+    for (let i = 0; i < key.length; i++) bytes[i] = key.charCodeAt(i);
+    return bytes;
   }
 
   get mode(): Mode {
@@ -137,10 +142,19 @@ export function hashKey(key: Uint8Array): number {
   return hash & 0x3fffffff;
 }
 
-function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
-  if (a.length !== b.length) return false;
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+function sameBytes(filed: string, key: Uint8Array): boolean {
+  if (filed.length !== key.length) return false;
+  for (let i = 0; i < key.length; i++) if (filed.charCodeAt(i) !== key[i]) return false;
   return true;
+}
+
+// Chunks keep the argument count well inside engine limits for 1024-byte keys.
+function byteString(key: Uint8Array): string {
+  let text = "";
+  for (let i = 0; i < key.length; i += 256) {
+    text += String.fromCharCode.apply(null, key.subarray(i, i + 256) as unknown as number[]);
+  }
+  return text;
 }
 
 /** The queue of exactly `key` in `table`, if anyone waits on it. */
@@ -206,7 +220,7 @@ export class Matcher<T> {
     const table = this.#table(mode);
     let queue = findQueue(table, key, hash);
     if (queue === undefined) {
-      queue = new Queue(key.slice(), hash, table);
+      queue = new Queue(byteString(key), hash, table);
       queue.chain = table.buckets.get(hash);
       table.buckets.set(hash, queue);
     }

@@ -42,7 +42,7 @@ export class Histogram {
 }
 
 /** Why a connection was closed without a pair, beyond protocol violations. */
-export type DropReason = "handshake_timeout" | "pair_timeout" | "uid_limit" | "policy";
+export type DropReason = "handshake_timeout" | "pair_timeout" | "uid_limit" | "policy" | "kicked";
 
 /** Everything the broker counts. */
 export class BrokerMetrics {

@@ -31,6 +31,8 @@ export interface MetricsSnapshot {
   paired: number;
   /** Times accepting paused because descriptors ran out. */
   acceptPauses: number;
+  /** Episodes of running out of descriptors. */
+  descriptorExhaustions: number;
   /** Connections closed for breaking the protocol, by offending field. */
   protocolErrors: Readonly<Partial<Record<ProtocolErrorField, number>>>;
   /** Connections closed for other reasons. */
@@ -131,8 +133,14 @@ export function renderPrometheus(snapshot: MetricsSnapshot): string {
     single(
       "one_socket_accept_pauses_total",
       "counter",
-      "Times accepting paused because descriptors ran out.",
+      "Times accepting paused because descriptors ran out (one per 100 ms retry).",
       snapshot.acceptPauses,
+    ),
+    single(
+      "one_socket_descriptor_exhaustions_total",
+      "counter",
+      "Episodes of running out of descriptors, from the first failed accept to the next success.",
+      snapshot.descriptorExhaustions,
     ),
     byLabel(
       "one_socket_waiting_clients",

@@ -149,6 +149,10 @@ Deno.test("control: GET /clients lists a waiting client; DELETE kicks it, then 4
     assert.equal(reply.bytes.length, 0, "a kicked client reads end of stream, no reply");
     assert.deepEqual(reply.descriptors, []);
     assert.deepEqual(await http.json("/clients"), { clients: [] });
+    assert.match(
+      await (await http.send("GET", "/metrics")).text,
+      /^one_socket_dropped_total\{reason="kicked"\} 1$/m,
+    );
 
     const again = await http.send("DELETE", `/clients/${listed.id}`);
     assert.equal(again.status, 404);

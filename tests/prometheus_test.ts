@@ -12,6 +12,7 @@ function snapshot(overrides: Partial<MetricsSnapshot> = {}): MetricsSnapshot {
     accepted: 7,
     paired: 3,
     acceptPauses: 1,
+    descriptorExhaustions: 1,
     protocolErrors: { key_len: 2, flags: 1 },
     dropped: { pair_timeout: 4 },
     pairWait: { bounds: [0.001, 0.5, 10], counts: [1, 0, 2, 0], sum: 4.25, count: 3 },
