@@ -75,6 +75,14 @@ export interface BrokerOptions {
   listenFd?: number;
   /** Listen backlog (the kernel caps it at `net.core.somaxconn`). Default 4096. */
   backlog?: number;
+  /**
+   * Most client connections open at once; past it the broker stops accepting
+   * until some leave (new clients wait in the listen backlog). Set it below the
+   * descriptor limit so that the process keeps descriptors for its own needs
+   * (logs, the control API, the runtime) when full. Default: no limit but the
+   * kernel's.
+   */
+  maxConnections?: number;
   /** Milliseconds a connection has to complete its request. Default 5000. */
   handshakeTimeoutMs?: number;
   /** Milliseconds a request may wait for a partner; default forever. */
@@ -321,7 +329,12 @@ export class Broker implements AsyncDisposable {
 
   #acceptAll(): void {
     const now = performance.now();
+    const capacity = this.#options.maxConnections ?? Infinity;
     for (;;) {
+      if (this.#connections.size >= capacity) {
+        this.#pauseAccepting(`at capacity (${capacity} connections)`);
+        return;
+      }
       const fd = acceptConnection(this.#listener.fd);
       if (fd >= 0) {
         if (this.#exhaustedSince !== undefined) this.#endExhaustion(now);
@@ -331,7 +344,7 @@ export class Broker implements AsyncDisposable {
       if (fd === -Errno.EAGAIN) return;
       if (fd === -Errno.ECONNABORTED || fd === -Errno.EINTR) continue;
       if (fd === -Errno.EMFILE || fd === -Errno.ENFILE || fd === -Errno.ENOBUFS) {
-        this.#pauseAccepting(-fd);
+        this.#pauseAccepting(`accept4: ${errnoName(-fd)}`);
         return;
       }
       throw new OsError("accept4", -fd, this.path);
@@ -339,10 +352,10 @@ export class Broker implements AsyncDisposable {
   }
 
   /**
-   * Out of descriptors: a level-triggered listener would spin. Serve the
-   * clients already here and retry every ACCEPT_PAUSE_MS; log once per episode.
+   * Full, or out of descriptors: a level-triggered listener would spin. Serve
+   * the clients already here and retry every ACCEPT_PAUSE_MS; log once per episode.
    */
-  #pauseAccepting(errno: number): void {
+  #pauseAccepting(cause: string): void {
     if (this.#acceptPaused) return;
     this.#acceptPaused = true;
     this.metrics.acceptPauses++;
@@ -350,14 +363,8 @@ export class Broker implements AsyncDisposable {
       this.#exhaustedSince = performance.now();
       this.metrics.descriptorExhaustions++;
       logger.error(
-        "accept4 {path}: {code} with {open} client connections open; " +
-          "retrying every {ms} ms while serving them",
-        {
-          path: this.path,
-          code: errnoName(errno),
-          open: this.#connections.size,
-          ms: ACCEPT_PAUSE_MS,
-        },
+        "not accepting on {path}: {cause}; serving the {open} clients here, retrying every {ms} ms",
+        { path: this.path, cause, open: this.#connections.size, ms: ACCEPT_PAUSE_MS },
       );
     }
     this.#listenWatch.modify(0);
@@ -368,7 +375,7 @@ export class Broker implements AsyncDisposable {
   }
 
   #endExhaustion(now: number): void {
-    logger.info("accepting again after {ms} ms without descriptors", {
+    logger.info("accepting again after {ms} ms", {
       ms: Math.round(now - this.#exhaustedSince!),
     });
     this.#exhaustedSince = undefined;

@@ -17,7 +17,7 @@ import {
 } from "@logtape/logtape";
 import { parseCommandLine, runCommand, UsageError } from "../client/command_line.ts";
 import { resolveSocketPath } from "../client/socket_path.ts";
-import { raiseDescriptorLimit } from "../ffi/process.ts";
+import { countOpenDescriptors, raiseDescriptorLimit } from "../ffi/process.ts";
 import { Reactor } from "../ffi/reactor.ts";
 import { Broker } from "./broker.ts";
 import { serveControl } from "./control.ts";
@@ -97,8 +97,13 @@ const logger = getLogger(["one-socket", "broker"]);
 /** How long the broker's loop waits on its own thread after activity (see Reactor.setLinger). */
 const DAEMON_LINGER_MS = 2;
 
-/** Descriptors the runtime, the listener and the reactor keep for themselves. */
-const RESERVED_DESCRIPTORS = 32;
+/**
+ * Descriptors kept free when the broker is full: for its logs, the control
+ * API, a policy reload and the runtime itself, which must not meet EMFILE.
+ */
+function descriptorReserve(limit: number): number {
+  return Math.min(64, Math.floor(limit / 4));
+}
 
 function seconds(flag: string, text: string): number {
   const value = Number(text);
@@ -202,7 +207,11 @@ export function runBroker(args: string[]): Promise<number> {
       const inherited = takeListener();
       // A daemon's JavaScript thread has nothing better to do than wait for its sockets.
       Reactor.instance().setLinger(DAEMON_LINGER_MS);
+      // What is open now, plus the listener, is the process's own; clients get the rest but a reserve.
+      const maxConnections = limit.soft - (countOpenDescriptors() + 1) -
+        descriptorReserve(limit.soft);
       const broker = await Broker.listen({
+        maxConnections,
         path: inherited?.path ?? resolveSocketPath(values.socket),
         listenFd: inherited?.fd,
         handshakeTimeoutMs,
@@ -211,9 +220,9 @@ export function runBroker(args: string[]): Promise<number> {
         isolateUids: values["isolate-uids"],
         authorize: policy?.authorize,
       });
-      logger.info("descriptor limit {soft} (hard {hard}): room for about {clients} clients", {
+      logger.info("descriptor limit {soft} (hard {hard}): room for {clients} clients", {
         ...limit,
-        clients: limit.soft - RESERVED_DESCRIPTORS,
+        clients: maxConnections,
       });
       try {
         if (inherited === undefined) applySocketAccess(broker.path, access);

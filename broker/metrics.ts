@@ -50,9 +50,9 @@ export class BrokerMetrics {
   accepted = 0;
   /** Pairs delivered. */
   paired = 0;
-  /** Times accepting paused because descriptors ran out (one per retry interval). */
+  /** Times accepting paused, at capacity or out of descriptors (one per retry interval). */
   acceptPauses = 0;
-  /** Episodes of running out of descriptors (each logged once). */
+  /** Episodes of not accepting, at capacity or out of descriptors (each logged once). */
   descriptorExhaustions = 0;
   /** Connections closed for breaking the protocol, by offending field. */
   readonly protocolErrors: Partial<Record<ProtocolErrorField, number>> = {};
