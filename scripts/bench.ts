@@ -32,10 +32,7 @@ import {
   brokerCommand,
   type BrokerHandle,
   type BrokerKind,
-  commandLine,
-  describeMachine,
   existingBroker,
-  EXIT_USAGE,
   integer,
   integerOption,
   loadgen,
@@ -43,6 +40,7 @@ import {
   median,
   shellQuote,
   startBroker,
+  startScript,
   tableLine,
   temporaryDirectory,
   UsageError,
@@ -289,20 +287,10 @@ function runLine(load: Load, broker: string, index: number, run: Run): string {
 }
 
 async function main(args: string[]): Promise<number> {
-  let options;
-  try {
-    options = parseOptions(args);
-  } catch (error) {
-    console.error(`bench: ${error instanceof Error ? error.message : error}\n\n${USAGE}`);
-    return EXIT_USAGE;
-  }
-  if (options === undefined) {
-    console.log(USAGE);
-    return 0;
-  }
+  const start = await startScript("bench", USAGE, parseOptions, args);
+  if (typeof start === "number") return start;
+  const { options, machine, command } = start;
   const say = options.json ? () => {} : console.log;
-  const machine = await describeMachine();
-  const command = await commandLine();
   const brokers: string[] = options.socket === undefined ? ["ours", "floor"] : ["socket"];
   try {
     await using directory = await temporaryDirectory();

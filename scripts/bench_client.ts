@@ -28,9 +28,6 @@ import {
   brokerCommand,
   type BrokerHandle,
   type BrokerKind,
-  commandLine,
-  describeMachine,
-  EXIT_USAGE,
   integer,
   integerOption,
   loadgen,
@@ -38,6 +35,7 @@ import {
   median,
   percentile,
   startBroker,
+  startScript,
   tableLine,
   temporaryDirectory,
   UsageError,
@@ -261,20 +259,10 @@ const TRANSFER_COLUMNS: [string, number][] = [
 ];
 
 async function main(args: string[]): Promise<number> {
-  let options;
-  try {
-    options = parseOptions(args);
-  } catch (error) {
-    console.error(`bench:client: ${error instanceof Error ? error.message : error}\n\n${USAGE}`);
-    return EXIT_USAGE;
-  }
-  if (options === undefined) {
-    console.log(USAGE);
-    return 0;
-  }
+  const start = await startScript("bench:client", USAGE, parseOptions, args);
+  if (typeof start === "number") return start;
+  const { options, machine, command } = start;
   const say = options.json ? () => {} : console.log;
-  const machine = await describeMachine();
-  const command = await commandLine();
   for (const line of machineLines(machine, command)) say(line);
   try {
     await using directory = await temporaryDirectory();

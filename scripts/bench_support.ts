@@ -243,3 +243,29 @@ export function tableLine(cells: string[], widths: number[]): string {
   return cells.map((cell, i) => widths[i] < 0 ? cell.padEnd(-widths[i]) : cell.padStart(widths[i]))
     .join("  ").trimEnd();
 }
+
+/**
+ * The common start of a benchmark script: parses `args` with `parse` (an
+ * error is printed with `usage`, exit 2; `undefined` means --help, exit 0),
+ * then describes the machine and the command line. Returns the exit code
+ * when the script should stop here.
+ */
+export async function startScript<T>(
+  name: string,
+  usage: string,
+  parse: (args: string[]) => T | undefined,
+  args: string[],
+): Promise<{ options: T; machine: Machine; command: string } | number> {
+  let options;
+  try {
+    options = parse(args);
+  } catch (error) {
+    console.error(`${name}: ${error instanceof Error ? error.message : error}\n\n${usage}`);
+    return EXIT_USAGE;
+  }
+  if (options === undefined) {
+    console.log(usage);
+    return 0;
+  }
+  return { options, machine: await describeMachine(), command: await commandLine() };
+}
