@@ -480,9 +480,11 @@ export class Broker implements AsyncDisposable {
       }
       crossUid = decision.crossUid ?? false;
     }
-    if (!isolateUids || crossUid) return key;
+    if (!isolateUids) return key;
+    // Every key gets a prefix, cross-uid ones too: a raw key could otherwise be
+    // crafted to equal another user's prefixed one.
     connection.scoped = true;
-    return scoped(key, connection.peer.uid);
+    return scoped(key, crossUid ? CROSS_UID_SCOPE : connection.peer.uid);
   }
 
   #pairOrWait(connection: Connection, key: Uint8Array, mode: Mode): void {
@@ -653,7 +655,10 @@ export class Broker implements AsyncDisposable {
   }
 }
 
-/** The key prefixed with the uid, so that only clients of one uid can match it. */
+/** The scope of keys a policy lets pair across uids: `(uid_t)-1` is nobody's uid. */
+const CROSS_UID_SCOPE = 0xffffffff;
+
+/** The key prefixed with a uid, so that only clients of one uid can match it. */
 function scoped(key: Uint8Array, uid: number): Uint8Array {
   const result = new Uint8Array(4 + key.length);
   new DataView(result.buffer).setUint32(0, uid);

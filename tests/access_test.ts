@@ -203,3 +203,40 @@ Deno.test("a waiting client is not subject to the handshake timeout", () =>
     peer.close();
     (await waiting).close();
   }, { handshakeTimeoutMs: 200 }));
+
+Deno.test({
+  name: "isolate-uids: a cross-uid key cannot be crafted to reach another uid's private key",
+  ignore: !canSwitchUid,
+  fn: () => {
+    const crossEverything = AccessPolicy.parse(
+      JSON.stringify({
+        rules: [
+          { action: "allow", glob: "*", uids: [0], cross_uid: true },
+          { action: "allow", prefix: "vhost-" },
+        ],
+      }),
+      "json",
+      "attack policy",
+    );
+    return withBroker(async (broker, path) => {
+      await openToOthers(path);
+      const victim = runAsOtherUid(path, "vhost-user-1", "server");
+      await eventually(() => broker.stats.waiting === 1, "the victim to wait");
+      // The victim's key as the matcher holds it: its uid, big-endian, then the key.
+      const forged = new Uint8Array([
+        0,
+        0,
+        0xff,
+        0xfe,
+        ...new TextEncoder().encode("vhost-user-1"),
+      ]);
+      await assert.rejects(
+        getPair(forged, { socket: path, mode: "client", signal: AbortSignal.timeout(300) }),
+        { name: "TimeoutError" },
+      );
+      assert.equal(broker.stats.paired, 0);
+      victim.child.kill();
+      await victim.done;
+    }, { authorize: (request) => crossEverything.decide(request), isolateUids: true });
+  },
+});
