@@ -202,7 +202,8 @@ export class Broker implements AsyncDisposable {
   readonly metrics: BrokerMetrics = new BrokerMetrics();
   /** When it started serving. */
   readonly startedAt: Date = new Date();
-  readonly #ownsPath: boolean;
+  /** The socket file this broker created, to remove at shutdown if it is still that file. */
+  readonly #ownFile?: string;
   readonly #listener: UnixSocket;
   readonly #listenWatch: Watch;
   readonly #options: Required<Pick<BrokerOptions, "handshakeTimeoutMs">> & BrokerOptions;
@@ -226,11 +227,11 @@ export class Broker implements AsyncDisposable {
   #exhaustedSince?: number;
   #closing?: Promise<void>;
 
-  private constructor(options: BrokerOptions, listener: UnixSocket, ownsPath: boolean) {
+  private constructor(options: BrokerOptions, listener: UnixSocket, ownFile?: string) {
     this.path = options.path;
     this.#options = { handshakeTimeoutMs: 5000, ...options };
     this.#listener = listener;
-    this.#ownsPath = ownsPath;
+    this.#ownFile = ownFile;
     this.#listenWatch = Reactor.instance().watch(listener.fd, EPOLLIN, () => this.#acceptAll());
     // Deadlines alone must not keep the process alive.
     this.#sweepTimer = setInterval(() => this.#sweep(), SWEEP_INTERVAL_MS).unref();
@@ -246,7 +247,7 @@ export class Broker implements AsyncDisposable {
     if (listenFd !== undefined) {
       setNonblocking(listenFd);
       logger.info("serving inherited socket {path} (fd {fd})", { path, fd: listenFd });
-      return new Broker(options, new UnixSocket(listenFd), false);
+      return new Broker(options, new UnixSocket(listenFd));
     }
     let listener: UnixSocket;
     try {
@@ -261,7 +262,7 @@ export class Broker implements AsyncDisposable {
       listener = listenUnix(path, backlog);
     }
     logger.info("listening on {path}", { path });
-    return new Broker(options, listener, !path.startsWith("@"));
+    return new Broker(options, listener, path.startsWith("@") ? undefined : fileIdentity(path));
   }
 
   /** Current counters. */
@@ -318,13 +319,27 @@ export class Broker implements AsyncDisposable {
     clearInterval(this.#sweepTimer);
     this.#listenWatch.cancel(true);
     this.#listener.close();
-    if (this.#ownsPath) unlinkPath(this.path);
+    if (this.#ownFile !== undefined) this.#removeOwnFile(this.#ownFile);
     const open = this.#connections.size;
     for (const connection of this.#connections.values()) this.#disconnect(connection);
     logger.info("stopped listening on {path}; closed {open} client connections", {
       path: this.path,
       open,
     });
+  }
+
+  // Someone may have replaced the file since (a newer broker on the same path): leave theirs alone.
+  #removeOwnFile(identity: string): void {
+    let current: string;
+    try {
+      current = fileIdentity(this.path);
+    } catch {
+      return; // already gone
+    }
+    if (current === identity) unlinkPath(this.path);
+    else {logger.warn("{path} is no longer the socket file this broker created; leaving it", {
+        path: this.path,
+      });}
   }
 
   #acceptAll(): void {
@@ -343,11 +358,10 @@ export class Broker implements AsyncDisposable {
       }
       if (fd === -Errno.EAGAIN) return;
       if (fd === -Errno.ECONNABORTED || fd === -Errno.EINTR) continue;
-      if (fd === -Errno.EMFILE || fd === -Errno.ENFILE || fd === -Errno.ENOBUFS) {
-        this.#pauseAccepting(`accept4: ${errnoName(-fd)}`);
-        return;
-      }
-      throw new OsError("accept4", -fd, this.path);
+      // Out of descriptors or memory, or anything unforeseen: a level-triggered listener
+      // would report it again at once, so pause rather than spin.
+      this.#pauseAccepting(`accept4: ${errnoName(-fd)}`);
+      return;
     }
   }
 
@@ -389,8 +403,13 @@ export class Broker implements AsyncDisposable {
     // Clients send their request right after connecting, so it is usually here already:
     // one that pairs at once never costs an epoll registration or event.
     this.#onReadable(connection);
-    if (this.#connections.has(connection.id)) {
+    if (!this.#connections.has(connection.id)) return;
+    try {
       Reactor.instance().register(connection, EPOLLIN | EPOLLRDHUP);
+    } catch (error) {
+      // Unwatched, its hang-up would go unnoticed: better not to keep it.
+      logger.error("closing client {id}: {error}", { id: connection.id, error });
+      this.#disconnect(connection);
     }
   }
 
@@ -664,6 +683,15 @@ function scoped(key: Uint8Array, uid: number): Uint8Array {
   new DataView(result.buffer).setUint32(0, uid);
   result.set(key, 4);
   return result;
+}
+
+/**
+ * What tells one file at `path` from a later one: the inode number alone is
+ * reused at once on ext4 and tmpfs, the birth time is not.
+ */
+function fileIdentity(path: string): string {
+  const info = Deno.lstatSync(path);
+  return `${info.dev}:${info.ino}:${info.birthtime?.getTime()}`;
 }
 
 /** Throws unless a connect to `path` is refused, i.e. nobody listens behind the file. */

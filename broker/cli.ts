@@ -139,6 +139,16 @@ function shutdownSignal(): Promise<Deno.Signal> {
   });
 }
 
+/**
+ * SIGHUP's default action ends the process. Reloading on it is opt-in
+ * (--policy, --log-file add their own listeners); surviving it is not.
+ */
+function surviveHangup(): Disposable {
+  const onHangup = () => logger.info("SIGHUP received");
+  Deno.addSignalListener("SIGHUP", onHangup);
+  return { [Symbol.dispose]: () => Deno.removeSignalListener("SIGHUP", onHangup) };
+}
+
 /** Runs `one-socket broker` with `args`; resolves to the exit code once shut down. */
 export function runBroker(args: string[]): Promise<number> {
   return runCommand("broker", BROKER_USAGE, async () => {
@@ -200,6 +210,7 @@ export function runBroker(args: string[]): Promise<number> {
       // Listening for signals from the start: a stop while starting, or right after
       // READY=1, still ends in a graceful shutdown.
       const stop = shutdownSignal();
+      using _hangup = surviveHangup();
       using _pidfile = values.pidfile === undefined ? undefined : PidFile.create(values.pidfile);
       using policy = values.policy === undefined
         ? undefined

@@ -150,10 +150,13 @@ function modeList(modes: unknown, where: string): Mode[] {
 
 function idSet(ids: unknown, name: string, where: string): ReadonlySet<number> | undefined {
   if (ids === undefined) return undefined;
-  if (!Array.isArray(ids) || ids.some((id) => !Number.isInteger(Number(id)) || Number(id) < 0)) {
+  // Strictly numbers: null, "", true would otherwise coerce to 0 (root) or 1.
+  const valid = (id: unknown) =>
+    typeof id === "number" && Number.isSafeInteger(id) && id >= 0 && id <= 0xffffffff;
+  if (!Array.isArray(ids) || !ids.every(valid)) {
     throw new PolicyError(`${where}: ${name} must be a list of numeric ids`);
   }
-  return new Set(ids.map(Number));
+  return new Set(ids as number[]);
 }
 
 function booleanField(value: unknown, name: string, where: string): boolean {

@@ -186,7 +186,11 @@ export class Reactor {
     this.#references += delta;
     if (this.#references > 0 && !this.#running) {
       this.#running = true;
-      this.#stopped = this.#run();
+      this.#stopped = this.#run().catch((error) => {
+        // Without its loop, nothing in the process hears its sockets again: say why, then fail.
+        logger.fatal("the event loop stopped: {error}", { error });
+        throw error;
+      });
     } else if (this.#references === 0 && this.#blocking) {
       this.#wake();
     }
@@ -231,6 +235,7 @@ export class Reactor {
   async #run(): Promise<void> {
     try {
       let lingerLeft = 0;
+      let failedWaits = 0;
       let dispatched = false;
       let lastTurn = performance.now();
       while (this.#references > 0) {
@@ -254,9 +259,17 @@ export class Reactor {
           if (!dispatched && waitMs === 0) {
             // Quiet, and nothing left to run: hand the wait to a helper thread.
             this.#blocking = true;
-            // A failed blocking wait set errno on the helper thread, out of our reach: retry.
+            // A failed blocking wait set errno on the helper thread, out of our reach: retry,
+            // and poll synchronously (where errno is ours) if it keeps failing.
             const waited = await libc.epoll_wait_blocking(this.#epfd, this.#waited, MAX_EVENTS, -1);
             this.#blocking = false;
+            if (waited >= 0) failedWaits = 0;
+            else if (++failedWaits >= 3) {
+              failedWaits = 0;
+              if (libc.epoll_wait(this.#epfd, this.#polled, 1, 0) < 0 && errno() !== Errno.EINTR) {
+                throw new OsError("epoll_wait", errno());
+              }
+            }
             if (waited > 0) this.#dispatch(this.#waitedView, waited);
             dispatched = waited > 0;
             lingerLeft = waited > 0 ? this.#lingerSlices : 0;

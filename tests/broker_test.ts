@@ -348,3 +348,20 @@ Deno.test("closing the broker closes waiting clients, which see it", () =>
     await broker.close();
     await assert.rejects(waiting, { name: "BrokerClosedError" });
   }));
+
+Deno.test("a broker shutting down leaves alone a socket file that another broker created since", async () => {
+  const socket = await temporarySocketPath();
+  try {
+    const first = await Broker.listen({ path: socket.path });
+    await Deno.remove(socket.path); // say, an operator cleaning up by hand
+    const second = await Broker.listen({ path: socket.path });
+    await first.close();
+    const [a, b] = await pairUp(socket.path, "still-served", ["none", "none"]);
+    a.close();
+    b.close();
+    await second.close();
+    await assert.rejects(Deno.lstat(socket.path), Deno.errors.NotFound);
+  } finally {
+    await socket.remove();
+  }
+});

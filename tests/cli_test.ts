@@ -370,3 +370,12 @@ Deno.test("cli: --log-format json writes one JSON object per stderr line", async
     );
   });
 });
+
+Deno.test("cli: a plain broker survives SIGHUP (its default action would kill it)", () =>
+  withScope(async (scope) => {
+    const broker = await startBroker(scope);
+    broker.kill("SIGHUP");
+    await broker.waitForOutput("SIGHUP received");
+    await smallExchange(scope, scope.socket, "after-hangup");
+    await stopBroker(broker, scope.socket, "SIGTERM");
+  }));

@@ -107,6 +107,11 @@ Deno.test("a broken policy names the file and the rule", () => {
       '{"rules": [{"action": "allow", "key": "a", "uids": ["root"]}]}',
       /p rule 1: uids must be a list of numeric ids/,
     ],
+    // Values JSON would coerce to root (0) or 1 are refused, not converted.
+    ['{"rules": [{"action": "allow", "key": "a", "uids": [null]}]}', /p rule 1: uids must be/],
+    ['{"rules": [{"action": "allow", "key": "a", "uids": [""]}]}', /p rule 1: uids must be/],
+    ['{"rules": [{"action": "allow", "key": "a", "gids": [true]}]}', /p rule 1: gids must be/],
+    ['{"rules": [{"action": "allow", "key": "a", "uids": [-1]}]}', /p rule 1: uids must be/],
     [
       '{"rules": [{"action": "allow", "key": "a", "cross_uid": "yes"}]}',
       /p rule 1: cross_uid must be true or false/,
