@@ -62,6 +62,7 @@ export { PairedSocket } from "./client/paired_socket.ts";
 export {
   CONTROL_PATH_VARIABLE,
   defaultSocketPath,
+  guardFallbackDirectory,
   resolveControlPath,
   resolveSocketPath,
   SOCKET_PATH_VARIABLE,

@@ -16,7 +16,7 @@ import {
   parseLogLevel,
 } from "@logtape/logtape";
 import { parseCommandLine, runCommand, UsageError } from "../client/command_line.ts";
-import { resolveSocketPath } from "../client/socket_path.ts";
+import { guardFallbackDirectory, resolveSocketPath } from "../client/socket_path.ts";
 import { countOpenDescriptors, raiseDescriptorLimit } from "../ffi/process.ts";
 import { Reactor } from "../ffi/reactor.ts";
 import { Broker } from "./broker.ts";
@@ -40,7 +40,7 @@ reports to NOTIFY_SOCKET (ready, status, watchdog, stopping).
 Options:
   --socket PATH        socket to listen on; default $ONE_SOCKET_PATH, else
                        /run/one.socket for root, $XDG_RUNTIME_DIR/one.socket,
-                       or /tmp/one-socket-UID.socket. "@name" is an abstract socket.
+                       or /tmp/one-socket-UID/one.socket. "@name" is an abstract socket.
   --control PATH       also serve the control API (HTTP: status, clients, kick,
                        metrics) on this Unix socket; by convention the socket
                        path plus ".control", where one-socket ctl looks for it
@@ -221,9 +221,11 @@ export function runBroker(args: string[]): Promise<number> {
       // What is open now, plus the listener, is the process's own; clients get the rest but a reserve.
       const maxConnections = limit.soft - (countOpenDescriptors() + 1) -
         descriptorReserve(limit.soft);
+      const path = inherited?.path ?? resolveSocketPath(values.socket);
+      if (inherited === undefined) guardFallbackDirectory(path, true);
       const broker = await Broker.listen({
         maxConnections,
-        path: inherited?.path ?? resolveSocketPath(values.socket),
+        path,
         listenFd: inherited?.fd,
         handshakeTimeoutMs,
         pairTimeoutMs,

@@ -20,7 +20,7 @@ import {
   type Mode,
   ProtocolError,
 } from "./protocol.ts";
-import { resolveSocketPath } from "./socket_path.ts";
+import { guardFallbackDirectory, resolveSocketPath } from "./socket_path.ts";
 
 /**
  * The broker closed the connection without a `SET_PAIR`: it rejected the
@@ -185,6 +185,7 @@ export async function connectBroker(
   signal?: AbortSignal,
 ): Promise<BrokerConnection> {
   const resolved = resolveSocketPath(path);
+  guardFallbackDirectory(resolved, false);
   try {
     return new BrokerConnection(resolved, await connectUnix(resolved, signal));
   } catch (error) {

@@ -22,7 +22,7 @@ function environment(name: string): string | undefined {
 /**
  * The default broker socket path: `/run/one.socket` for root,
  * `$XDG_RUNTIME_DIR/one.socket` for a user with a runtime directory,
- * otherwise `/tmp/one-socket-<uid>.socket`.
+ * otherwise `/tmp/one-socket-<uid>/one.socket` (see {@link guardFallbackDirectory}).
  *
  * @example
  * ```ts
@@ -34,7 +34,56 @@ export function defaultSocketPath(): string {
   const uid = currentUid();
   if (uid === 0) return "/run/one.socket";
   const runtime = environment("XDG_RUNTIME_DIR");
-  return runtime ? `${runtime}/one.socket` : `/tmp/one-socket-${uid}.socket`;
+  return runtime ? `${runtime}/one.socket` : `${fallbackDirectory(uid)}/one.socket`;
+}
+
+// Under /tmp anyone may create a name first: the socket lives in a directory only its uid may use.
+const fallbackDirectory = (uid: number) => `/tmp/one-socket-${uid}`;
+
+/**
+ * Guards the `/tmp` fallback of {@link defaultSocketPath}: another user could
+ * otherwise bind the name first and receive every key. For a path in this
+ * uid's fallback directory, the broker (`create`) makes the directory with
+ * mode 0700; broker and clients then refuse it unless it is a real directory
+ * owned by this uid that nobody else may use. Other paths are left alone.
+ *
+ * @example
+ * ```ts
+ * import { guardFallbackDirectory, resolveSocketPath } from "./mod.ts";
+ * const path = resolveSocketPath();
+ * guardFallbackDirectory(path, false); // throws if /tmp/one-socket-UID is not ours alone
+ * ```
+ */
+export function guardFallbackDirectory(path: string, create: boolean): void {
+  const uid = currentUid();
+  const directory = fallbackDirectory(uid);
+  if (!path.startsWith(`${directory}/`)) return;
+  if (create) {
+    try {
+      Deno.mkdirSync(directory, { mode: 0o700 });
+    } catch (error) {
+      if (!(error instanceof Deno.errors.AlreadyExists)) throw error;
+    }
+  }
+  let info: Deno.FileInfo;
+  try {
+    info = Deno.lstatSync(directory);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return; // connecting will say ENOENT
+    throw error;
+  }
+  const mode = (info.mode ?? 0) & 0o777;
+  if (!info.isDirectory || info.uid !== uid || (mode & 0o077) !== 0) {
+    throw new Error(
+      `${directory} must be a directory of uid ${uid} that nobody else may use ` +
+        `(it is ${
+          info.isDirectory
+            ? `a directory of uid ${info.uid}, mode ${mode.toString(8)}`
+            : "not a directory"
+        }); ` +
+        `refusing to use ${path}`,
+    );
+  }
 }
 
 /**
