@@ -9,6 +9,10 @@ import { ExitError, parseCommandLine, runCommand, UsageError } from "./command_l
 import { execOnSocket, resolveProgram } from "./exec.ts";
 import { getPair } from "./pair.ts";
 import { describeKey, keyBytes, parseMode } from "./protocol.ts";
+import { OsError } from "../ffi/errors.ts";
+
+/** Write errors that mean the peer has closed its socket, not that something broke. */
+const PEER_GONE = new Set(["EPIPE", "ECONNRESET"]);
 
 /** Exit code when no peer came within `--timeout`. */
 export const EXIT_NO_PEER = 3;
@@ -102,7 +106,11 @@ export function runPair(args: string[]): Promise<number> {
     }
     try {
       await Promise.all([
-        Deno.stdin.readable.pipeTo(socket.writable),
+        Deno.stdin.readable.pipeTo(socket.writable).catch((error) => {
+          // The peer stopped reading: our sending direction is over, and what it sent
+          // before leaving must still reach standard output.
+          if (!(error instanceof OsError && PEER_GONE.has(error.code))) throw error;
+        }),
         socket.readable.pipeTo(Deno.stdout.writable),
       ]);
     } finally {

@@ -13,6 +13,8 @@ import {
   exists,
   type Finished,
   isSocket,
+  MOD,
+  PERMISSIONS,
   type Scope,
   startBroker,
   withScope,
@@ -378,4 +380,26 @@ Deno.test("cli: a plain broker survives SIGHUP (its default action would kill it
     await broker.waitForOutput("SIGHUP received");
     await smallExchange(scope, scope.socket, "after-hangup");
     await stopBroker(broker, scope.socket, "SIGTERM");
+  }));
+
+Deno.test("cli: pair keeps what the peer sent when the peer leaves while we still write", () =>
+  withScope(async (scope) => {
+    await startBroker(scope);
+    const talker = scope.spawn(
+      ["pair", "leaver", "--mode", "server", "--socket", scope.socket],
+      { stdin: true },
+    );
+    // The peer says one line and closes without reading anything.
+    const leaver = scope.spawn(
+      ["pair", "leaver", "--mode", "client", "--socket", scope.socket, "--exec", "--"].concat(
+        ["sh", "-c", "echo bye >&3"],
+      ),
+      { command: [Deno.execPath(), "run", ...PERMISSIONS, "--allow-run", MOD] },
+    );
+    await talker.feed(new Uint8Array(4 << 20));
+    const [talked, left] = await Promise.all([talker.finish(), leaver.finish()]);
+    assert.equal(left.code, 0, left.stderr);
+    assert.equal(decoder.decode(talked.stdout), "bye\n");
+    assert.equal(talked.code, 0, `stderr: ${talked.stderr}`);
+    assert.equal(talked.stderr, "");
   }));
