@@ -709,6 +709,12 @@ export async function assertStale(path: string): Promise<void> {
     (await connectUnix(path, AbortSignal.timeout(1000))).close();
   } catch (error) {
     if (error instanceof OsError && error.code === "ECONNREFUSED") return;
+    if (error instanceof DOMException && error.name === "TimeoutError") {
+      throw new Error(
+        `${path}: a process holds this socket but accepts no connections ` +
+          "(connect: EAGAIN for 1 s); refusing to replace it",
+      );
+    }
     throw error;
   }
   throw new Error(`another broker is already listening on ${path}`);

@@ -15,7 +15,7 @@ import {
   type LogLevel,
   parseLogLevel,
 } from "@logtape/logtape";
-import { parseCommandLine, runCommand, UsageError } from "../client/command_line.ts";
+import { parseCommandLine, runCommand, seconds, UsageError } from "../client/command_line.ts";
 import { guardFallbackDirectory, resolveSocketPath } from "../client/socket_path.ts";
 import { countOpenDescriptors, raiseDescriptorLimit } from "../ffi/process.ts";
 import { Reactor } from "../ffi/reactor.ts";
@@ -103,14 +103,6 @@ const DAEMON_LINGER_MS = 2;
  */
 function descriptorReserve(limit: number): number {
   return Math.min(64, Math.floor(limit / 4));
-}
-
-function seconds(flag: string, text: string): number {
-  const value = Number(text);
-  if (!(value > 0) || !Number.isFinite(value)) {
-    throw new UsageError(`${flag} takes a positive number of seconds, not ${text}`);
-  }
-  return value;
 }
 
 function count(flag: string, text: string): number {

@@ -5,11 +5,12 @@
  * @module
  */
 
-import { ExitError, parseCommandLine, runCommand, UsageError } from "./command_line.ts";
+import { ExitError, parseCommandLine, runCommand, seconds, UsageError } from "./command_line.ts";
 import { execOnSocket, resolveProgram } from "./exec.ts";
-import { getPair } from "./pair.ts";
+import { connectBroker } from "./pair.ts";
+import { resolveSocketPath } from "./socket_path.ts";
 import { describeKey, keyBytes, parseMode } from "./protocol.ts";
-import { OsError } from "../ffi/errors.ts";
+import { Errno, OsError } from "../ffi/errors.ts";
 
 /** Write errors that mean the peer has closed its socket, not that something broke. */
 const PEER_GONE = new Set(["EPIPE", "ECONNRESET"]);
@@ -43,14 +44,6 @@ Options:
 Exit codes: 0 done, 1 error, 2 usage error, 3 no peer within --timeout;
 with --exec, PROGRAM's status (128+N if signal N ended it), or 127 if
 PROGRAM is not found and 126 if it is not executable.`;
-
-function seconds(flag: string, text: string): number {
-  const value = Number(text);
-  if (!(value > 0) || !Number.isFinite(value)) {
-    throw new UsageError(`${flag} takes a positive number of seconds, not ${text}`);
-  }
-  return value;
-}
 
 /** Runs `one-socket pair` with `args`; resolves to the exit code. */
 export function runPair(args: string[]): Promise<number> {
@@ -89,13 +82,27 @@ export function runPair(args: string[]): Promise<number> {
     const program = command === undefined ? undefined : resolveProgram(command[0]);
 
     const signal = timeout === undefined ? undefined : AbortSignal.timeout(timeout * 1000);
+    const bytes = keyBytes(key);
     let socket;
     try {
-      socket = await getPair(key, { socket: values.socket, mode, signal });
+      using connection = await connectBroker(values.socket, signal).catch((error) => {
+        // Out of time before the broker even took the connection: that is not "no peer".
+        if (signal?.aborted && error === signal.reason) {
+          throw new OsError(
+            "connect",
+            Errno.EAGAIN,
+            resolveSocketPath(values.socket),
+            `the broker takes no connections; gave up after ${timeout} s`,
+          );
+        }
+        throw error;
+      });
+      await connection.request(bytes, mode, signal);
+      socket = await connection.receivePair(signal);
     } catch (error) {
       if (signal?.aborted && error === signal.reason) {
         throw new ExitError(
-          `no peer for key "${describeKey(keyBytes(key))}" within ${timeout} s`,
+          `no peer for key "${describeKey(bytes)}" within ${timeout} s`,
           EXIT_NO_PEER,
         );
       }

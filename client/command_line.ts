@@ -72,3 +72,12 @@ export async function runCommand(
     return error instanceof ExitError ? error.exitCode : EXIT_FAILURE;
   }
 }
+
+/** A positive number of seconds from a flag's text; a {@link UsageError} otherwise. */
+export function seconds(flag: string, text: string): number {
+  const value = Number(text);
+  if (!(value > 0) || !Number.isFinite(value)) {
+    throw new UsageError(`${flag} takes a positive number of seconds, not ${text}`);
+  }
+  return value;
+}

@@ -8,6 +8,7 @@
 
 import assert from "node:assert/strict";
 import denoConfig from "../deno.json" with { type: "json" };
+import { connectUnix, listenUnix } from "../ffi/socket.ts";
 import {
   type Cli,
   exists,
@@ -402,4 +403,28 @@ Deno.test("cli: pair keeps what the peer sent when the peer leaves while we stil
     assert.equal(decoder.decode(talked.stdout), "bye\n");
     assert.equal(talked.code, 0, `stderr: ${talked.stderr}`);
     assert.equal(talked.stderr, "");
+  }));
+
+Deno.test("cli: a socket whose owner accepts nothing is neither replaced nor mistaken for 'no peer'", () =>
+  withScope(async (scope) => {
+    // A listener with a full backlog that never accepts: connects get EAGAIN.
+    using stuck = listenUnix(scope.socket, 0);
+    using queued = await connectUnix(scope.socket);
+    assert.ok(stuck.fd >= 0 && queued.fd >= 0);
+
+    const broker = await scope.spawn(["broker", "--socket", scope.socket]).finish();
+    assert.equal(broker.code, 1);
+    assert.match(
+      broker.stderr,
+      /accepts no connections \(connect: EAGAIN for 1 s\); refusing to replace it/,
+    );
+    assert.ok(isSocket(scope.socket), "the socket file was left in place");
+
+    const pair = await scope.spawn(["pair", "k", "--socket", scope.socket, "--timeout", "0.5"])
+      .finish();
+    assert.equal(pair.code, 1, "not 3: no peer was ever asked for");
+    assert.equal(
+      pair.stderr,
+      `one-socket pair: connect ${scope.socket}: EAGAIN (the broker takes no connections; gave up after 0.5 s)\n`,
+    );
   }));
