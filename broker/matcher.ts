@@ -347,8 +347,8 @@ export class Matcher<T> {
   }
 
   /**
-   * Lists the waiting requests: by mode (none, client, server), then by key
-   * in order of first arrival, then oldest first. The list is taken when
+   * Lists the waiting requests: by mode (none, client, server), then key by
+   * key (in no promised order), then oldest first within a key. The list is taken when
    * iteration starts; waiters matched or cancelled meanwhile are skipped.
    *
    * @returns The waiters' handles.

@@ -134,8 +134,6 @@ export const SOCK_CLOEXEC = 0o2000000;
 export const SOL_SOCKET = 1;
 /** `SO_PEERCRED` */
 export const SO_PEERCRED = 17;
-/** `SO_SNDBUF` */
-export const SO_SNDBUF = 7;
 /** `SO_TYPE` */
 export const SO_TYPE = 3;
 /** `SO_ACCEPTCONN`: whether `listen` was called on the socket. */

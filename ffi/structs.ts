@@ -6,7 +6,7 @@
  * @module
  */
 
-import { AF_UNIX, SCM_RIGHTS, SOL_SOCKET } from "./libc.ts";
+import { AF_UNIX, MSG_CTRUNC, SCM_RIGHTS, SOL_SOCKET } from "./libc.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -186,7 +186,7 @@ export class MessageHeader {
     this.descriptors.length = 0;
     const used = this.#headerView.getUint32(40, true);
     if (used > 0) collectDescriptors(this.#controlView, used, this.descriptors);
-    return (this.#headerView.getInt32(48, true) & 0x8) !== 0; // MSG_CTRUNC
+    return (this.#headerView.getInt32(48, true) & MSG_CTRUNC) !== 0;
   }
 }
 
