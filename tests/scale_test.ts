@@ -126,3 +126,36 @@ Deno.test("a full broker stops accepting with descriptors to spare, keeps servin
     b.close();
   });
 });
+
+Deno.test("without a capacity, the kernel's EMFILE makes the broker back off without dying or spinning", async () => {
+  await withScope(async (scope) => {
+    const script = new URL("./emfile_broker.ts", import.meta.url).pathname;
+    const broker = scope.spawn([scope.socket], {
+      command: [Deno.execPath(), "run", "-A", script],
+      descriptorLimit: 64,
+    });
+    await broker.waitForOutput("listening");
+    const crowd: UnixSocket[] = [];
+    try {
+      for (let i = 0; i < 80; i++) crowd.push(await waitOn(scope.socket, `emfile-${i}`, "server"));
+      await broker.waitForOutput("exhausted 1");
+      assert.ok(!broker.exited, `the broker died out of descriptors:\n${broker.output}`);
+      const cpuBefore = cpuSeconds(broker.pid);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      assert.ok(!broker.exited, `the broker died out of descriptors:\n${broker.output}`);
+      const spent = cpuSeconds(broker.pid) - cpuBefore;
+      assert.ok(spent < 0.3, `the broker spun: ${spent} CPU seconds in 1 s`);
+      assert.doesNotMatch(broker.output, /exhausted 2/, "one episode, however many retries");
+    } finally {
+      crowd.forEach((socket) => socket.close());
+    }
+    const signal = AbortSignal.timeout(10_000);
+    const [a, b] = await Promise.all([
+      getPair("after-emfile", { socket: scope.socket, signal }),
+      getPair("after-emfile", { socket: scope.socket, signal }),
+    ]);
+    a.close();
+    b.close();
+    assert.ok(!broker.exited, broker.output);
+  });
+});
