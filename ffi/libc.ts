@@ -57,8 +57,6 @@ const symbols = {
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
   // int getsockopt(int fd, int level, int name, void *value, socklen_t *len)
   getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
-  // int setsockopt(int fd, int level, int name, const void *value, socklen_t len)
-  setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
   // int open(const char *path, int flags): the variadic mode is never needed (no O_CREAT)
   open: { parameters: ["buffer", "i32"], result: "i32" },
   // int unlink(const char *path)
@@ -84,8 +82,6 @@ const symbols = {
   setrlimit: { parameters: ["i32", "buffer"], result: "i32" },
   // uid_t getuid(void)
   getuid: { parameters: [], result: "u32" },
-  // pid_t getpid(void)
-  getpid: { parameters: [], result: "i32" },
   // int kill(pid_t pid, int sig)
   kill: { parameters: ["i32", "i32"], result: "i32" },
   // DIR *opendir(const char *name)

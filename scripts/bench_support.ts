@@ -6,6 +6,7 @@
  * @module
  */
 
+import { commandLine as processCommandLine } from "../ffi/process.ts";
 import { OsError } from "../ffi/errors.ts";
 import { connectUnix, peerCredentials } from "../ffi/socket.ts";
 
@@ -98,10 +99,9 @@ export function shellQuote(arg: string): string {
   return /^[\w@%+=:,./-]+$/.test(arg) ? arg : `'${arg.replaceAll("'", `'\\''`)}'`;
 }
 
-/** This process's argv as the kernel has it: the Deno flags too, which Deno.args leaves out. */
-export async function commandLine(): Promise<string> {
-  const argv = (await readProc(`/proc/${Deno.pid}/cmdline`))?.split("\0").filter((arg) => arg);
-  return argv?.length ? argv.map(shellQuote).join(" ") : `deno ... ${Deno.args.join(" ")}`;
+/** This process's command line, quoted for a shell (read through libc: /proc/self is off limits). */
+export function commandLine(): string {
+  return processCommandLine().map(shellQuote).join(" ");
 }
 
 /** A C tool built by `deno task build:c`; throws if it is missing. */
@@ -267,5 +267,30 @@ export async function startScript<T>(
     console.log(usage);
     return 0;
   }
-  return { options, machine: await describeMachine(), command: await commandLine() };
+  return { options, machine: await describeMachine(), command: commandLine() };
+}
+
+/** What `/proc` tells of a process; see {@link processUsage}. */
+export interface ProcessUsage {
+  /** Open descriptors. */
+  fds: number;
+  /** Resident memory (`VmRSS`), bytes. */
+  rssBytes: number;
+  /** Its hard descriptor limit. */
+  hardLimit: number;
+  /** CPU time so far, user + system, all threads. */
+  cpuSeconds: number;
+}
+
+/** Reads {@link ProcessUsage} of `pid` (needs `--allow-all`: Deno guards `/proc`). */
+export function processUsage(pid: number): ProcessUsage {
+  const read = (file: string) => Deno.readTextFileSync(`/proc/${pid}/${file}`);
+  const stat = read("stat");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return {
+    fds: [...Deno.readDirSync(`/proc/${pid}/fd`)].length,
+    rssBytes: Number(/VmRSS:\s+(\d+)/.exec(read("status"))![1]) * 1024,
+    hardLimit: Number(/Max open files\s+\d+\s+(\d+)/.exec(read("limits"))![1]),
+    cpuSeconds: (Number(fields[11]) + Number(fields[12])) / 100, // utime + stime, in ticks
+  };
 }

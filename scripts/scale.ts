@@ -21,13 +21,14 @@ import { getPair } from "../mod.ts";
 import { encodeGetPair } from "../client/protocol.ts";
 import { Errno } from "../ffi/errors.ts";
 import { descriptorLimit, raiseDescriptorLimit } from "../ffi/process.ts";
+import { connectUnix, readInto, sendFrom, type UnixSocket } from "../ffi/socket.ts";
 import {
-  connectUnix,
-  peerCredentials,
-  readInto,
-  sendFrom,
-  type UnixSocket,
-} from "../ffi/socket.ts";
+  brokerCommand,
+  median,
+  processUsage,
+  startBroker,
+  temporaryDirectory,
+} from "./bench_support.ts";
 
 const { values } = parseArgs({
   options: {
@@ -39,45 +40,16 @@ const { values } = parseArgs({
 });
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
-const median = (numbers: number[]) => numbers.toSorted((a, b) => a - b)[numbers.length >> 1];
 
-function usage(pid: number) {
-  const status = Deno.readTextFileSync(`/proc/${pid}/status`);
-  const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return {
-    fds: [...Deno.readDirSync(`/proc/${pid}/fd`)].length,
-    rssBytes: Number(/VmRSS:\s+(\d+)/.exec(status)![1]) * 1024,
-    hardLimit: Number(
-      /Max open files\s+\d+\s+(\d+)/.exec(Deno.readTextFileSync(`/proc/${pid}/limits`))![1],
-    ),
-    cpuSeconds: (Number(fields[11]) + Number(fields[12])) / 100,
-  };
-}
-
-const directory = await Deno.makeTempDir({ prefix: "one-socket-scale-" });
-const path = `${directory}/broker.socket`;
-const broker = new Deno.Command(Deno.execPath(), {
-  args: [
-    "run",
-    "-A",
-    new URL("../mod.ts", import.meta.url).pathname,
-    "broker",
-    "--socket",
-    path,
-    "--log-level",
-    "warning",
-  ],
-}).spawn();
-while (!(await Deno.lstat(path).then(() => true, () => false))) await sleep(20);
-const probe = await connectUnix(path);
-const brokerPid = peerCredentials(probe.fd).pid;
-probe.close();
+const directory = await temporaryDirectory();
+const path = `${directory.path}/broker.socket`;
+const broker = await startBroker(brokerCommand("ours", path), path);
+const usage = () => processUsage(broker.pid);
 
 let serial = 0;
 /** Pairs at the given concurrency; pairs/s and broker CPU µs per pairing. */
 async function measurePairing(count: number, concurrency: number) {
-  const cpuBefore = usage(brokerPid).cpuSeconds;
+  const cpuBefore = usage().cpuSeconds;
   const started = performance.now();
   let done = 0;
   await Promise.all(Array.from({ length: concurrency }, async () => {
@@ -95,7 +67,7 @@ async function measurePairing(count: number, concurrency: number) {
   const seconds = (performance.now() - started) / 1000;
   return {
     pairsPerSecond: done / seconds,
-    cpuMicros: (usage(brokerPid).cpuSeconds - cpuBefore) * 1e6 / done,
+    cpuMicros: (usage().cpuSeconds - cpuBefore) * 1e6 / done,
   };
 }
 
@@ -122,7 +94,7 @@ async function measureRuns(label: string) {
 await measurePairing(2000, 16); // warm-up: JIT, heap sizing
 const idle = await measureRuns("no waiters");
 await sleep(500);
-const before = usage(brokerPid);
+const before = usage();
 
 raiseDescriptorLimit();
 const room = Math.min(descriptorLimit().soft, before.hardLimit) - 256;
@@ -142,9 +114,9 @@ for (let i = 0; i < count; i++) {
   if (sendFrom(socket.fd, request) !== request.length) throw new Error(`waiter ${i}: short send`);
   waiters.push(socket);
 }
-while (usage(brokerPid).fds < before.fds + count) await sleep(50);
+while (usage().fds < before.fds + count) await sleep(50);
 await sleep(1000);
-const held = usage(brokerPid);
+const held = usage();
 console.log(
   `${count} waiters filed in ${
     ((performance.now() - openStarted) / 1000).toFixed(1)
@@ -163,7 +135,6 @@ console.log(
 );
 
 waiters.forEach((socket) => socket.close());
-broker.kill("SIGTERM");
-await broker.status;
-await Deno.remove(directory, { recursive: true });
+await broker[Symbol.asyncDispose]();
+await directory[Symbol.asyncDispose]();
 if (evicted > 0) Deno.exit(1);
