@@ -41,6 +41,8 @@ export {
   Broker,
   type BrokerOptions,
   type BrokerStats,
+  type ListingPage,
+  MAX_LISTING_PAGE,
   type WaitingClient,
 } from "./broker/broker.ts";
 export {

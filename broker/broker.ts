@@ -123,6 +123,17 @@ export interface WaitingClient {
   peer: PeerCredentials;
 }
 
+/** Where a listing of waiting clients starts and how long it may be. */
+export interface ListingPage {
+  /** Only clients with an id above this (the last id of the previous page). Default 0. */
+  after?: number;
+  /** Most clients in the answer; default and cap {@link MAX_LISTING_PAGE}. */
+  limit?: number;
+}
+
+/** The longest page {@link Broker.waitingClients} returns. */
+export const MAX_LISTING_PAGE = 1000;
+
 /** How long accepting pauses when descriptors run out, so that we do not spin. */
 const ACCEPT_PAUSE_MS = 100;
 /** Descriptors accepted with a request; the kernel closes any beyond this. */
@@ -281,15 +292,29 @@ export class Broker implements AsyncDisposable {
     return this.#matcher.countByMode();
   }
 
-  /** Every client waiting for a partner, oldest first. */
-  waitingClients(): WaitingClient[] {
-    return [...this.#waiting].map((connection) => ({
-      id: connection.id,
-      key: connection.key,
-      mode: connection.waiter!.mode,
-      since: new Date(performance.timeOrigin + connection.since),
-      peer: connection.peer,
-    }));
+  /**
+   * One page of the clients waiting for a partner, by ascending id (the order
+   * they connected in). Pass the last id of a page as `after` for the next;
+   * the work is bounded by the number of open connections, and the answer by
+   * `limit` (default and most: {@link MAX_LISTING_PAGE}).
+   */
+  waitingClients(page: ListingPage = {}): WaitingClient[] {
+    const after = page.after ?? 0;
+    const limit = Math.min(page.limit ?? MAX_LISTING_PAGE, MAX_LISTING_PAGE);
+    const clients: WaitingClient[] = [];
+    // The table is a Map in insertion order, and ids only grow: it is sorted by id.
+    for (const connection of this.#connections.values()) {
+      if (clients.length >= limit) break;
+      if (connection.id <= after || connection.waiter === undefined) continue;
+      clients.push({
+        id: connection.id,
+        key: connection.key,
+        mode: connection.waiter.mode,
+        since: new Date(performance.timeOrigin + connection.since),
+        peer: connection.peer,
+      });
+    }
+    return clients;
   }
 
   /** Disconnects the client with `id`; false if no such connection is open. */
