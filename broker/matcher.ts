@@ -62,7 +62,8 @@ export interface Waiter<T> {
 
 // One per mode; `count` spares `size` a walk over the keys. Buckets are keyed
 // by a hash of the key bytes: a small integer hashes and compares far faster
-// than a string built per request. Keys that collide share a bucket's chain.
+// than a string built per request. Keys that collide share a bucket's chain,
+// which the keyed hash keeps short whatever keys clients choose.
 interface Table<T> {
   readonly mode: Mode;
   readonly buckets: Map<number, Queue<T>>;
@@ -78,7 +79,7 @@ class Queue<T> {
   tail: Entry<T> | undefined = undefined;
   /** The next queue in the same bucket (another key with the same hash). */
   chain: Queue<T> | undefined = undefined;
-  constructor(readonly key: string, readonly hash: number, readonly table: Table<T>) {}
+  constructor(readonly key: string, public hash: number, readonly table: Table<T>) {}
 }
 
 // A node of the intrusive list: the only allocation per waiter besides its
@@ -91,10 +92,7 @@ class Entry<T> implements Waiter<T> {
   constructor(readonly item: T, readonly queue: Queue<T>) {}
 
   get key(): Uint8Array {
-    const key = this.queue.key;
-    const bytes = new Uint8Array(key.length);
-    for (let i = 0; i < key.length; i++) bytes[i] = key.charCodeAt(i);
-    return bytes;
+    return byteArray(this.queue.key);
   }
 
   get mode(): Mode {
@@ -134,13 +132,75 @@ function removeQueue<T>(queue: Queue<T>): void {
   before.chain = queue.chain;
 }
 
-// FNV-1a over the bytes, kept to 30 bits so that V8 handles it as a small integer.
-/** @internal Exported for the collision test. */
-export function hashKey(key: Uint8Array): number {
-  let hash = 0x811c9dc5;
-  for (let i = 0; i < key.length; i++) hash = Math.imul(hash ^ key[i], 0x01000193);
-  return hash & 0x3fffffff;
+/** A hash key: two 32-bit words, secret to the process. */
+export type HashSeed = readonly [number, number];
+
+/** How the matcher hashes a key under a seed to a 30-bit bucket number. */
+export type KeyHash = (key: Uint8Array, seed: HashSeed) => number;
+
+/** A fresh secret seed from the system's random source. */
+export function randomSeed(): HashSeed {
+  const words = crypto.getRandomValues(new Uint32Array(2));
+  return [words[0], words[1]];
 }
+
+const rotate = (x: number, bits: number) => (x << bits) | (x >>> (32 - bits));
+
+// The hash state lives at module level: a closure or array per call would be
+// garbage on every request, and every call runs to completion on one thread.
+let v0 = 0, v1 = 0, v2 = 0, v3 = 0;
+
+function absorb(word: number, rounds: number): void {
+  v3 ^= word;
+  for (let i = 0; i < rounds; i++) {
+    v0 = (v0 + v1) | 0;
+    v1 = rotate(v1, 5) ^ v0;
+    v0 = rotate(v0, 16);
+    v2 = (v2 + v3) | 0;
+    v3 = rotate(v3, 8) ^ v2;
+    v0 = (v0 + v3) | 0;
+    v3 = rotate(v3, 7) ^ v0;
+    v2 = (v2 + v1) | 0;
+    v1 = rotate(v1, 13) ^ v2;
+    v2 = rotate(v2, 16);
+  }
+  v0 ^= word;
+}
+
+/**
+ * HalfSipHash (by default -1-3, the Linux kernel's `hsiphash` for hash
+ * tables) of `key` under `seed`, kept to 30 bits so that V8 handles it as a
+ * small integer. Keyed, so that clients cannot choose keys that share a
+ * bucket: keys found to collide under one broker's seed are unrelated under
+ * another's.
+ *
+ * @internal Exported for the tests, which also check the -2-4 reference vectors.
+ */
+export function hashKey(key: Uint8Array, seed: HashSeed, rounds = 1, finalRounds = 3): number {
+  v0 = seed[0] | 0;
+  v1 = seed[1] | 0;
+  v2 = 0x6c796765 ^ v0;
+  v3 = 0x74656462 ^ v1;
+  const length = key.length;
+  const whole = length & ~3;
+  for (let i = 0; i < whole; i += 4) {
+    absorb(key[i] | (key[i + 1] << 8) | (key[i + 2] << 16) | (key[i + 3] << 24), rounds);
+  }
+  let last = length << 24;
+  for (let i = whole; i < length; i++) last |= key[i] << (8 * (i - whole));
+  absorb(last, rounds);
+  v2 ^= 0xff;
+  // Finalization: the rounds alone, with nothing absorbed.
+  absorb(0, finalRounds);
+  return (v1 ^ v3) & 0x3fffffff;
+}
+
+/**
+ * Distinct keys one bucket may hold before the matcher picks a new seed. With
+ * a secret seed and 2^30 buckets this never happens by chance; reaching it
+ * means the seed has somehow been learnt, and a new one ends the attack.
+ */
+const MAX_CHAIN = 8;
 
 function sameBytes(filed: string, key: Uint8Array): boolean {
   if (filed.length !== key.length) return false;
@@ -157,11 +217,37 @@ function byteString(key: Uint8Array): string {
   return text;
 }
 
+/** The bytes of a one-byte-per-char key string. */
+function byteArray(key: string): Uint8Array {
+  const bytes = new Uint8Array(key.length);
+  for (let i = 0; i < key.length; i++) bytes[i] = key.charCodeAt(i);
+  return bytes;
+}
+
+function* queuesOf<T>(table: Table<T>): Generator<Queue<T>> {
+  for (const first of table.buckets.values()) {
+    for (let queue: Queue<T> | undefined = first; queue; queue = queue.chain) yield queue;
+  }
+}
+
 /** The queue of exactly `key` in `table`, if anyone waits on it. */
 function findQueue<T>(table: Table<T>, key: Uint8Array, hash: number): Queue<T> | undefined {
   let queue = table.buckets.get(hash);
   while (queue !== undefined && !sameBytes(queue.key, key)) queue = queue.chain;
   return queue;
+}
+
+function chainLength<T>(queue: Queue<T> | undefined): number {
+  let length = 0;
+  for (; queue !== undefined; queue = queue.chain) length++;
+  return length;
+}
+
+/** Puts `queue` at the head of its bucket's chain. */
+function insertQueue<T>(queue: Queue<T>): void {
+  const buckets = queue.table.buckets;
+  queue.chain = buckets.get(queue.hash);
+  buckets.set(queue.hash, queue);
 }
 
 /**
@@ -193,6 +279,35 @@ export class Matcher<T> {
   #none: Table<T> = { mode: "none", buckets: new Map(), count: 0 };
   #client: Table<T> = { mode: "client", buckets: new Map(), count: 0 };
   #server: Table<T> = { mode: "server", buckets: new Map(), count: 0 };
+  #seed: HashSeed = randomSeed();
+  readonly #hash: KeyHash;
+  #reseeds = 0;
+
+  /**
+   * An empty waiting table.
+   *
+   * @param hash The bucket hash; default {@linkcode hashKey}. Only tests
+   * give another, to show what a bucket full of colliding keys does.
+   */
+  constructor(hash: KeyHash = hashKey) {
+    this.#hash = hash;
+  }
+
+  /**
+   * How often a bucket grew past its bound and the matcher picked a new
+   * seed: 0 unless someone found keys that collide under the secret one.
+   *
+   * @example Usage
+   * ```ts
+   * import { Matcher } from "./matcher.ts";
+   * import assert from "node:assert/strict";
+   *
+   * assert.equal(new Matcher().reseeds, 0);
+   * ```
+   */
+  get reseeds(): number {
+    return this.#reseeds;
+  }
 
   // A switch rather than an object lookup: an untyped caller's "__proto__"
   // must not reach a table.
@@ -221,8 +336,9 @@ export class Matcher<T> {
     let queue = findQueue(table, key, hash);
     if (queue === undefined) {
       queue = new Queue(byteString(key), hash, table);
-      queue.chain = table.buckets.get(hash);
-      table.buckets.set(hash, queue);
+      const full = chainLength(table.buckets.get(hash)) >= MAX_CHAIN;
+      insertQueue(queue);
+      if (full) this.#reseed();
     }
     const entry = new Entry(item, queue);
     if (queue.tail) {
@@ -234,6 +350,20 @@ export class Matcher<T> {
     queue.tail = entry;
     table.count++;
     return entry;
+  }
+
+  /** Rehashes every queue under a new seed: linear in the keys, and never by chance. */
+  #reseed(): void {
+    this.#seed = randomSeed();
+    this.#reseeds++;
+    for (const table of [this.#none, this.#client, this.#server]) {
+      const queues = [...queuesOf(table)];
+      table.buckets.clear();
+      for (const queue of queues) {
+        queue.hash = this.#hash(byteArray(queue.key), this.#seed);
+        insertQueue(queue);
+      }
+    }
   }
 
   /**
@@ -255,7 +385,7 @@ export class Matcher<T> {
    * ```
    */
   match(key: Uint8Array, mode: Mode): T | undefined {
-    return this.#shift(key, hashKey(key), mode)?.item;
+    return this.#shift(key, this.#hash(key, this.#seed), mode)?.item;
   }
 
   /**
@@ -280,7 +410,7 @@ export class Matcher<T> {
    * ```
    */
   wait(key: Uint8Array, mode: Mode, item: T): Waiter<T> {
-    return this.#file(key, hashKey(key), mode, item);
+    return this.#file(key, this.#hash(key, this.#seed), mode, item);
   }
 
   /**
@@ -308,7 +438,7 @@ export class Matcher<T> {
    * ```
    */
   take(key: Uint8Array, mode: Mode, item: T): Waiter<T> {
-    const hash = hashKey(key);
+    const hash = this.#hash(key, this.#seed);
     return this.#shift(key, hash, mode) ?? this.#file(key, hash, mode, item);
   }
 
@@ -369,10 +499,8 @@ export class Matcher<T> {
     // without breaking the walk along the links.
     const entries: Entry<T>[] = [];
     for (const table of [this.#none, this.#client, this.#server]) {
-      for (const first of table.buckets.values()) {
-        for (let queue: Queue<T> | undefined = first; queue; queue = queue.chain) {
-          for (let e = queue.head; e; e = e.next) entries.push(e);
-        }
+      for (const queue of queuesOf(table)) {
+        for (let e = queue.head; e; e = e.next) entries.push(e);
       }
     }
     for (const entry of entries) if (entry.waiting) yield entry;

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { hashKey, Matcher } from "../broker/matcher.ts";
+import { hashKey, type HashSeed, Matcher, randomSeed } from "../broker/matcher.ts";
 import type { Mode } from "../client/protocol.ts";
 
 const bytes = (s: string) => new TextEncoder().encode(s);
@@ -262,19 +262,9 @@ Deno.test("100,000 distinct waiting keys are filed and matched", () => {
 });
 
 Deno.test("keys whose hashes collide stay apart, and a shared bucket empties cleanly", () => {
-  const encoder = new TextEncoder();
-  const seen = new Map<number, Uint8Array>();
-  let pair: [Uint8Array, Uint8Array] | undefined;
-  for (let i = 0; pair === undefined; i++) {
-    const key = encoder.encode(`collide-${i}`);
-    const other = seen.get(hashKey(key));
-    if (other) pair = [other, key];
-    else seen.set(hashKey(key), key);
-  }
-  const [a, b] = pair;
-  assert.notDeepEqual(a, b);
-  assert.equal(hashKey(a), hashKey(b));
-  const matcher = new Matcher<string>();
+  // A hash that puts every key of one length in one bucket.
+  const matcher = new Matcher<string>((key) => key.length);
+  const [a, b] = [bytes("key-a"), bytes("key-b")];
   const waitingA = matcher.wait(a, "server", "a");
   matcher.wait(b, "server", "b");
   matcher.wait(a, "server", "a2");
@@ -289,4 +279,120 @@ Deno.test("keys whose hashes collide stay apart, and a shared bucket empties cle
   assert.equal(matcher.match(b, "none"), "b");
   assert.equal(matcher.match(a, "none"), "a");
   assert.deepEqual([...matcher], []);
+  assert.equal(matcher.reseeds, 0);
+});
+
+Deno.test("the bucket hash is HalfSipHash: the reference vectors of HalfSipHash-2-4", () => {
+  // From the reference implementation: key bytes 0..7, message bytes 0..n-1.
+  const expected = [0x5b9f35a9, 0xb85a4727, 0x03a662fa, 0x04e7fe8a, 0x89466e2a, 0x69b6fac5];
+  const seed: HashSeed = [0x03020100, 0x07060504];
+  expected.forEach((value, n) => {
+    const message = Uint8Array.from({ length: n }, (_, i) => i);
+    assert.equal(hashKey(message, seed, 2, 4), value & 0x3fffffff, `${n} bytes`);
+  });
+});
+
+/** The unkeyed 32-bit FNV-1a state the matcher used to bucket keys by (its low 30 bits). */
+function fnv1a(key: Uint8Array): number {
+  let hash = 0x811c9dc5;
+  for (let i = 0; i < key.length; i++) hash = Math.imul(hash ^ key[i], 0x01000193);
+  return hash >>> 0;
+}
+
+/**
+ * The attack on an unkeyed hash: 2^rounds distinct keys with one FNV-1a state.
+ * Each round finds two 8-byte blocks that take the state reached so far to
+ * the same state (a birthday search); any choice of block per round then
+ * gives the same hash (Joux's multicollisions).
+ */
+function fnvMulticollision(rounds: number): Uint8Array[] {
+  let state = 0x811c9dc5;
+  const blocks: [Uint8Array, Uint8Array][] = [];
+  const step = (from: number, block: Uint8Array) => {
+    let hash = from;
+    for (const byte of block) hash = Math.imul(hash ^ byte, 0x01000193);
+    return hash >>> 0;
+  };
+  let counter = 0;
+  for (let round = 0; round < rounds; round++) {
+    const seen = new Map<number, Uint8Array>();
+    for (;;) {
+      const block = new Uint8Array(new Uint32Array([counter, ~counter++]).buffer);
+      const next = step(state, block);
+      const earlier = seen.get(next);
+      if (earlier !== undefined) {
+        blocks.push([earlier, block]);
+        state = next;
+        break;
+      }
+      seen.set(next, block);
+    }
+  }
+  const keys: Uint8Array[] = [];
+  for (let choice = 0; choice < 2 ** rounds; choice++) {
+    const key = new Uint8Array(8 * rounds);
+    blocks.forEach((pair, round) => key.set(pair[(choice >> round) & 1], 8 * round));
+    keys.push(key);
+  }
+  return keys;
+}
+
+Deno.test("keys crafted to share the old unkeyed bucket cost what any keys cost", () => {
+  const crafted = fnvMulticollision(12);
+  assert.equal(new Set(crafted.map(fnv1a)).size, 1, "the attack works on the old hash");
+  assert.equal(new Set(crafted.map((key) => key.toHex())).size, 4096);
+  const random = crafted.map(() => crypto.getRandomValues(new Uint8Array(96)));
+  const fileAll = (keys: Uint8Array[]) => {
+    const matcher = new Matcher<number>();
+    const started = performance.now();
+    keys.forEach((key, i) => matcher.wait(key, "server", i));
+    keys.forEach((key, i) => assert.equal(matcher.match(key, "client"), i));
+    return { ms: performance.now() - started, reseeds: matcher.reseeds };
+  };
+  fileAll(random); // warm up
+  const times = { crafted: [] as number[], random: [] as number[] };
+  for (let run = 0; run < 5; run++) {
+    const attack = fileAll(crafted);
+    assert.equal(attack.reseeds, 0, "the keyed hash spreads them: no bucket ever fills");
+    times.crafted.push(attack.ms);
+    times.random.push(fileAll(random).ms);
+  }
+  const median = (values: number[]) => values.sort((x, y) => x - y)[2];
+  // One long chain makes this quadratic: 4096 keys took seconds with the old hash.
+  assert.ok(
+    median(times.crafted) < 4 * median(times.random) + 5,
+    `crafted ${median(times.crafted)} ms vs random ${median(times.random)} ms`,
+  );
+});
+
+Deno.test("keys that collide under one process's seed do not under another's", () => {
+  const [mine, theirs] = [randomSeed(), randomSeed()];
+  assert.notDeepEqual(mine, theirs);
+  // A birthday search for 30-bit collisions under a seed the attacker somehow knows.
+  const seen = new Map<number, Uint8Array>();
+  const collisions: [Uint8Array, Uint8Array][] = [];
+  for (let i = 0; collisions.length < 3; i++) {
+    const key = bytes(`probe-${i}`);
+    const hash = hashKey(key, mine);
+    const earlier = seen.get(hash);
+    if (earlier === undefined) seen.set(hash, key);
+    else collisions.push([earlier, key]);
+  }
+  const stillColliding = collisions.filter(([a, b]) => hashKey(a, theirs) === hashKey(b, theirs));
+  assert.equal(stillColliding.length, 0);
+});
+
+Deno.test("a bucket past its bound makes the matcher pick a new seed, and nothing is lost", () => {
+  // A hash that is weak under one seed only: the first seed puts every key in bucket 0.
+  let firstSeed: HashSeed | undefined;
+  const matcher = new Matcher<number>((key, seed) => {
+    firstSeed ??= seed;
+    return seed === firstSeed ? 0 : hashKey(key, seed);
+  });
+  const keys = Array.from({ length: 40 }, (_, i) => bytes(`k${i}`));
+  keys.forEach((key, i) => matcher.wait(key, i % 2 ? "client" : "server", i));
+  assert.equal(matcher.reseeds, 1, "the ninth key in one bucket triggers it, once");
+  assert.equal(matcher.size, 40);
+  keys.forEach((key, i) => assert.equal(matcher.match(key, i % 2 ? "server" : "client"), i));
+  assert.equal(matcher.size, 0);
 });
