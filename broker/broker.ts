@@ -1,10 +1,10 @@
 /**
- * {@link Broker}: owns the listening socket and every client connection.
+ * {@link Broker}: composes the pairing engine and owns the listening socket.
  *
  * The life of one pairing, all synchronous once the reactor reports
- * readiness: accept → receive and frame the `GET_PAIR` → validate → admit
- * (policy, limits) → match → `socketpair` → `SET_PAIR` with one end to each
- * → close.
+ * readiness: accept → receive and frame the `GET_PAIR` (here) → validate
+ * (`client/protocol.ts`) → admit (`admission.ts`) → match (`matcher.ts`) →
+ * deliver (`delivery.ts`) → close (`connections.ts`).
  *
  * @module
  */
@@ -13,7 +13,6 @@ import { getLogger } from "@logtape/logtape";
 import {
   decodeGetPair,
   describeKey,
-  encodeSetPair,
   GET_PAIR_MIN_SIZE,
   MESSAGE_SIZE,
   type Mode,
@@ -21,21 +20,22 @@ import {
 } from "../client/protocol.ts";
 import { Errno, errnoName, OsError } from "../ffi/errors.ts";
 import { EPOLLIN, EPOLLRDHUP } from "../ffi/libc.ts";
-import { Reactor, type Registrant, type Watch } from "../ffi/reactor.ts";
+import { Reactor, type Watch } from "../ffi/reactor.ts";
 import {
   acceptConnection,
   closeDescriptor,
   connectUnix,
-  createSocketPair,
   listenUnix,
-  peerCredentials,
   receiveMessage,
-  sendMessage,
   setNonblocking,
   UnixSocket,
   unlinkPath,
 } from "../ffi/socket.ts";
 import { MessageHeader, type PeerCredentials } from "../ffi/structs.ts";
+import { Admission, type Refusal, type UidLimits } from "./admission.ts";
+import { Connection, ConnectionTable } from "./connections.ts";
+import { Delivered, Delivery } from "./delivery.ts";
+import { LogLimit } from "./log_limit.ts";
 import { Matcher, type Waiter } from "./matcher.ts";
 import { BrokerMetrics, type DropReason } from "./metrics.ts";
 
@@ -64,6 +64,8 @@ export interface AccessDecision {
 /** Decides whether a request is admitted (an access policy, say). */
 export type Authorizer = (request: AccessRequest) => AccessDecision;
 
+export type { UidLimits } from "./admission.ts";
+
 /** Options for {@link Broker.listen}. */
 export interface BrokerOptions {
   /** Socket path to listen on; a leading `@` names a Linux abstract socket. */
@@ -76,11 +78,12 @@ export interface BrokerOptions {
   /** Listen backlog (the kernel caps it at `net.core.somaxconn`). Default 4096. */
   backlog?: number;
   /**
-   * Most client connections open at once; past it the broker stops accepting
-   * until some leave (new clients wait in the listen backlog). Set it below the
-   * descriptor limit so that the process keeps descriptors for its own needs
-   * (logs, the control API, the runtime) when full. Default: no limit but the
-   * kernel's.
+   * Most client connections open at once. When full, a newcomer that must
+   * stay takes the place of the oldest connection of the uid holding the
+   * most, or is closed if that is its own uid; one that pairs at once is
+   * always served. Set it below the descriptor limit so that the process keeps
+   * descriptors for its own needs (logs, the control API, the runtime) when
+   * full. Default: no limit but the kernel's.
    */
   maxConnections?: number;
   /** Milliseconds a connection has to complete its request. Default 5000. */
@@ -89,10 +92,24 @@ export interface BrokerOptions {
   pairTimeoutMs?: number;
   /** Most clients of one uid waiting at once; default unlimited. */
   maxWaitingPerUid?: number;
+  /**
+   * Most connections of one uid still sending their request; default 64
+   * (dbus-daemon's choice). Together with `handshakeTimeoutMs` it bounds what
+   * silent connections can hold.
+   */
+  maxIncompletePerUid?: number;
+  /** Limits for single uids, overriding `maxWaitingPerUid` and `maxIncompletePerUid`. */
+  uidLimits?: ReadonlyMap<number, UidLimits>;
   /** Pair only clients of the same uid, unless the authorizer allows a key across uids. */
   isolateUids?: boolean;
   /** Admission check for every request (see `broker/policy.ts`). */
   authorize?: Authorizer;
+  /**
+   * Permission bits and group of the socket file, in place before the
+   * socket listens (not for `listenFd` or an abstract socket). Default: as
+   * `bind` makes it, the umask deciding.
+   */
+  socketAccess?: { mode?: number; gid?: number };
 }
 
 /** Counters of a running broker. */
@@ -136,56 +153,16 @@ export const MAX_LISTING_PAGE = 1000;
 
 /** How long accepting pauses when descriptors run out, so that we do not spin. */
 const ACCEPT_PAUSE_MS = 100;
+/**
+ * Connections accepted per readiness report: a connect flood must not keep
+ * the loop from timers, signals and the control API. The listener is
+ * level-triggered, so the rest are accepted on the next turn.
+ */
+const ACCEPT_BATCH = 256;
 /** Descriptors accepted with a request; the kernel closes any beyond this. */
 const MAX_RECEIVED_DESCRIPTORS = 8;
 /** How often deadlines are checked: timeouts are honoured to within this. */
 const SWEEP_INTERVAL_MS = 250;
-
-/**
- * One client connection, from accept to close. It is its own reactor
- * registration: one object per client, no watch or closure beside it.
- */
-class Connection implements Registrant {
-  readonly id: number;
-  readonly fd: number;
-  tag = 0;
-  /** `performance.now()` at accept, then when it started waiting. */
-  since: number;
-  /** The broker's handler, shared by every connection. */
-  readonly #onReadable: (connection: Connection) => void;
-  /** Bytes of the request frame received so far. */
-  received = 0;
-  /** Holds a request that arrived in pieces; most arrive whole and never need it. */
-  frame?: Uint8Array;
-  /** Set once its request is filed in the matcher. */
-  waiter?: Waiter<Connection>;
-  /** Its matcher key carries a uid prefix (`isolateUids`). */
-  scoped = false;
-  #peer?: PeerCredentials;
-
-  constructor(id: number, fd: number, now: number, onReadable: (connection: Connection) => void) {
-    this.id = id;
-    this.fd = fd;
-    this.since = now;
-    this.#onReadable = onReadable;
-  }
-
-  /** Readable, hung up or in error: the broker reads to find out which. */
-  onReady(): void {
-    this.#onReadable(this);
-  }
-
-  /** `SO_PEERCRED`, read on first use: the kernel keeps the values from connect time. */
-  get peer(): PeerCredentials {
-    return this.#peer ??= peerCredentials(this.fd);
-  }
-
-  /** The key it waits on, as the client sent it. */
-  get key(): Uint8Array {
-    const key = this.waiter!.key;
-    return this.scoped ? key.subarray(4) : key;
-  }
-}
 
 /**
  * The SocketPair broker: pairs clients that send the same key in compatible
@@ -219,15 +196,13 @@ export class Broker implements AsyncDisposable {
   readonly #listenWatch: Watch;
   readonly #options: Required<Pick<BrokerOptions, "handshakeTimeoutMs">> & BrokerOptions;
   readonly #matcher = new Matcher<Connection>();
-  readonly #connections = new Map<number, Connection>();
-  // Both in arrival order, so a sweep stops at the first connection not yet due.
-  readonly #handshaking = new Set<Connection>();
-  readonly #waiting = new Set<Connection>();
-  readonly #waitingPerUid = new Map<number, number>();
-  // One receive and one send header for the whole broker: every call is synchronous.
+  readonly #table = new ConnectionTable();
+  readonly #admission: Admission;
+  readonly #delivery = new Delivery();
+  /** Warnings about clients are budgeted per cause: a flood of bad ones must not fill the log. */
+  readonly #logLimit = new LogLimit();
+  // One receive header for the whole broker: every call is synchronous.
   readonly #inbound = new MessageHeader(new Uint8Array(MESSAGE_SIZE), MAX_RECEIVED_DESCRIPTORS);
-  readonly #outbound = new MessageHeader(encodeSetPair() as Uint8Array<ArrayBuffer>, 1);
-  readonly #pair = new Int32Array(2);
   readonly #sweepTimer: ReturnType<typeof setInterval>;
   readonly #onReadableHandler = (connection: Connection) => this.#onReadable(connection);
   /** Whether debug lines are wanted, read once: asking on every pairing costs. */
@@ -241,6 +216,7 @@ export class Broker implements AsyncDisposable {
   private constructor(options: BrokerOptions, listener: UnixSocket, ownFile?: string) {
     this.path = options.path;
     this.#options = { handshakeTimeoutMs: 5000, ...options };
+    this.#admission = new Admission(options, this.#table);
     this.#listener = listener;
     this.#ownFile = ownFile;
     this.#listenWatch = Reactor.instance().watch(listener.fd, EPOLLIN, () => this.#acceptAll());
@@ -254,7 +230,7 @@ export class Broker implements AsyncDisposable {
    * that is not a socket, is not.
    */
   static async listen(options: BrokerOptions): Promise<Broker> {
-    const { path, backlog = 4096, listenFd } = options;
+    const { path, backlog = 4096, listenFd, socketAccess } = options;
     if (listenFd !== undefined) {
       setNonblocking(listenFd);
       logger.info("serving inherited socket {path} (fd {fd})", { path, fd: listenFd });
@@ -262,7 +238,7 @@ export class Broker implements AsyncDisposable {
     }
     let listener: UnixSocket;
     try {
-      listener = listenUnix(path, backlog);
+      listener = listenUnix(path, backlog, socketAccess);
     } catch (error) {
       if (!(error instanceof OsError && error.code === "EADDRINUSE") || path.startsWith("@")) {
         throw error;
@@ -270,7 +246,7 @@ export class Broker implements AsyncDisposable {
       await assertStale(path);
       logger.info("replacing stale socket file {path}", { path });
       unlinkPath(path);
-      listener = listenUnix(path, backlog);
+      listener = listenUnix(path, backlog, socketAccess);
     }
     logger.info("listening on {path}", { path });
     return new Broker(options, listener, path.startsWith("@") ? undefined : fileIdentity(path));
@@ -282,7 +258,7 @@ export class Broker implements AsyncDisposable {
       accepted: this.metrics.accepted,
       paired: this.metrics.paired,
       rejected: this.metrics.rejected,
-      open: this.#connections.size,
+      open: this.#table.size,
       waiting: this.#matcher.size,
     };
   }
@@ -302,14 +278,13 @@ export class Broker implements AsyncDisposable {
     const after = page.after ?? 0;
     const limit = Math.min(page.limit ?? MAX_LISTING_PAGE, MAX_LISTING_PAGE);
     const clients: WaitingClient[] = [];
-    // The table is a Map in insertion order, and ids only grow: it is sorted by id.
-    for (const connection of this.#connections.values()) {
+    for (const connection of this.#table.values()) {
       if (clients.length >= limit) break;
       if (connection.id <= after || connection.waiter === undefined) continue;
       clients.push({
         id: connection.id,
         key: connection.key,
-        mode: connection.waiter.mode,
+        mode: connection.mode,
         since: new Date(performance.timeOrigin + connection.since),
         peer: connection.peer,
       });
@@ -319,11 +294,11 @@ export class Broker implements AsyncDisposable {
 
   /** Disconnects the client with `id`; false if no such connection is open. */
   kick(id: number): boolean {
-    const connection = this.#connections.get(id);
+    const connection = this.#table.get(id);
     if (connection === undefined) return false;
     logger.info("disconnecting client {id} on request", { id });
     this.metrics.countDrop("kicked");
-    this.#disconnect(connection);
+    this.#table.close(connection);
     return true;
   }
 
@@ -345,8 +320,9 @@ export class Broker implements AsyncDisposable {
     this.#listenWatch.cancel(true);
     this.#listener.close();
     if (this.#ownFile !== undefined) this.#removeOwnFile(this.#ownFile);
-    const open = this.#connections.size;
-    for (const connection of this.#connections.values()) this.#disconnect(connection);
+    const open = this.#table.size;
+    for (const connection of [...this.#table.values()]) this.#table.close(connection);
+    this.#logLimit.report(Infinity, this.#reportHeldBack);
     logger.info("stopped listening on {path}; closed {open} client connections", {
       path: this.path,
       open,
@@ -369,12 +345,7 @@ export class Broker implements AsyncDisposable {
 
   #acceptAll(): void {
     const now = performance.now();
-    const capacity = this.#options.maxConnections ?? Infinity;
-    for (;;) {
-      if (this.#connections.size >= capacity) {
-        this.#pauseAccepting(`at capacity (${capacity} connections)`);
-        return;
-      }
+    for (let accepted = 0; accepted < ACCEPT_BATCH; accepted++) {
       const fd = acceptConnection(this.#listener.fd);
       if (fd >= 0) {
         if (this.#exhaustedSince !== undefined) this.#endExhaustion(now);
@@ -391,8 +362,8 @@ export class Broker implements AsyncDisposable {
   }
 
   /**
-   * Full, or out of descriptors: a level-triggered listener would spin. Serve
-   * the clients already here and retry every ACCEPT_PAUSE_MS; log once per episode.
+   * Out of descriptors: a level-triggered listener would spin. Serve the
+   * clients already here and retry every ACCEPT_PAUSE_MS; log once per episode.
    */
   #pauseAccepting(cause: string): void {
     if (this.#acceptPaused) return;
@@ -403,7 +374,7 @@ export class Broker implements AsyncDisposable {
       this.metrics.descriptorExhaustions++;
       logger.error(
         "not accepting on {path}: {cause}; serving the {open} clients here, retrying every {ms} ms",
-        { path: this.path, cause, open: this.#connections.size, ms: ACCEPT_PAUSE_MS },
+        { path: this.path, cause, open: this.#table.size, ms: ACCEPT_PAUSE_MS },
       );
     }
     this.#listenWatch.modify(0);
@@ -423,19 +394,46 @@ export class Broker implements AsyncDisposable {
   #admit(fd: number, now: number): void {
     this.metrics.accepted++;
     const connection = new Connection(this.#nextId++, fd, now, this.#onReadableHandler);
-    this.#connections.set(connection.id, connection);
-    this.#handshaking.add(connection);
+    this.#table.add(connection);
     // Clients send their request right after connecting, so it is usually here already:
-    // one that pairs at once never costs an epoll registration or event.
+    // one that pairs at once never costs an epoll registration, an event or a uid's account.
     this.#onReadable(connection);
-    if (!this.#connections.has(connection.id)) return;
+    if (!this.#table.has(connection)) return;
+    if (connection.waiter === undefined) {
+      const refusal = this.#admission.refuseIncomplete(connection);
+      if (refusal !== undefined) return this.#refuse(connection, refusal);
+      this.#table.startHandshake(connection);
+    }
     try {
       Reactor.instance().register(connection, EPOLLIN | EPOLLRDHUP);
     } catch (error) {
       // Unwatched, its hang-up would go unnoticed: better not to keep it.
       logger.error("closing client {id}: {error}", { id: connection.id, error });
-      this.#disconnect(connection);
+      this.#table.close(connection);
+      return;
     }
+    if (this.#admission.overCapacity) this.#makeRoom(connection);
+  }
+
+  /** Full, and `newcomer` stays: close the oldest connection of the heaviest uid, or the newcomer. */
+  #makeRoom(newcomer: Connection): void {
+    const victim = this.#admission.victim(newcomer);
+    const capacity = this.#admission.capacity;
+    if (victim === newcomer) {
+      this.#drop(
+        newcomer,
+        "capacity",
+        `broker full (${capacity} connections) and uid ${newcomer.peer.uid} holds the most`,
+      );
+      return;
+    }
+    const heaviest = victim.account!;
+    this.#drop(
+      victim,
+      "shed",
+      `broker full (${capacity} connections): making room for uid ${newcomer.peer.uid}, ` +
+        `as uid ${heaviest.uid} holds the most (${heaviest.held})`,
+    );
   }
 
   #onReadable(connection: Connection): void {
@@ -449,11 +447,13 @@ export class Broker implements AsyncDisposable {
     const count = receiveMessage(connection.fd, inbound);
     if (count === -Errno.EAGAIN) return;
     if (count <= 0) {
-      logger.debug("client {id} left ({reason})", {
-        id: connection.id,
-        reason: count === 0 ? "end of stream" : errnoName(-count),
-      });
-      this.#disconnect(connection);
+      if (this.#debug) {
+        logger.debug("client {id} left ({reason})", {
+          id: connection.id,
+          reason: count === 0 ? "end of stream" : errnoName(-count),
+        });
+      }
+      this.#table.close(connection);
       return;
     }
     if (inbound.readDescriptors() || inbound.descriptors.length > 0) {
@@ -499,49 +499,20 @@ export class Broker implements AsyncDisposable {
       return;
     }
     connection.frame = undefined;
-    this.#handshaking.delete(connection);
-    const key = this.#admitRequest(connection, request.key, request.mode);
-    if (key !== undefined) this.#pairOrWait(connection, key, request.mode);
-  }
-
-  /**
-   * Applies the authorizer and uid isolation. Returns the key as the matcher
-   * should see it, or undefined when the client was dropped.
-   */
-  #admitRequest(connection: Connection, key: Uint8Array, mode: Mode): Uint8Array | undefined {
-    const { authorize, isolateUids } = this.#options;
-    if (authorize === undefined && !isolateUids) return key;
-    let crossUid = false;
-    if (authorize) {
-      const decision = authorize({ key, mode, peer: connection.peer });
-      if (!decision.allowed) {
-        this.#drop(
-          connection,
-          "policy",
-          `key "${describeKey(key)}" as ${mode} denied by ${decision.rule}`,
-        );
-        return undefined;
-      }
-      crossUid = decision.crossUid ?? false;
-    }
-    if (!isolateUids) return key;
-    // Every key gets a prefix, cross-uid ones too: a raw key could otherwise be
-    // crafted to equal another user's prefixed one.
-    connection.scoped = true;
-    return scoped(key, crossUid ? CROSS_UID_SCOPE : connection.peer.uid);
+    this.#table.endHandshake(connection);
+    const key = this.#admission.keyFor(connection, request.key, request.mode);
+    if (key instanceof Uint8Array) this.#pairOrWait(connection, key, request.mode);
+    else this.#refuse(connection, key);
   }
 
   #pairOrWait(connection: Connection, key: Uint8Array, mode: Mode): void {
     for (;;) {
       const found = this.#matcher.take(key, mode, connection);
       if (found.waiting) {
-        if (this.#overUidLimit(connection)) {
+        const refusal = this.#admission.refuseWaiting(connection);
+        if (refusal !== undefined) {
           found.cancel();
-          this.#drop(
-            connection,
-            "uid_limit",
-            `uid ${connection.peer.uid} already has ${this.#options.maxWaitingPerUid} clients waiting`,
-          );
+          this.#refuse(connection, refusal);
           return;
         }
         this.#startWaiting(connection, found);
@@ -552,20 +523,8 @@ export class Broker implements AsyncDisposable {
     }
   }
 
-  /** Whether one more waiting client would exceed its uid's limit (a request that pairs never does). */
-  #overUidLimit(connection: Connection): boolean {
-    const limit = this.#options.maxWaitingPerUid;
-    return limit !== undefined && (this.#waitingPerUid.get(connection.peer.uid) ?? 0) >= limit;
-  }
-
   #startWaiting(connection: Connection, waiter: Waiter<Connection>): void {
-    connection.waiter = waiter;
-    connection.since = performance.now();
-    this.#waiting.add(connection);
-    if (this.#options.maxWaitingPerUid !== undefined) {
-      const uid = connection.peer.uid;
-      this.#waitingPerUid.set(uid, (this.#waitingPerUid.get(uid) ?? 0) + 1);
-    }
+    this.#table.startWaiting(connection, waiter, performance.now());
     if (this.#debug) {
       logger.debug(`client {id} waits on key "{key}" as {mode}`, {
         id: connection.id,
@@ -576,95 +535,96 @@ export class Broker implements AsyncDisposable {
   }
 
   /**
-   * Sends one end of a new socketpair to each client, the waiting partner
-   * first. Returns false when that partner turned out to be gone, so the
-   * newcomer can be matched again; every other outcome ends both clients.
+   * Hands `partner` and `newcomer` their pair and closes both. Returns false
+   * when the partner turned out to be gone, so that the newcomer can be
+   * matched again; every other outcome ends both clients.
    */
   #deliver(partner: Connection, newcomer: Connection, key: Uint8Array): boolean {
-    const pair = this.#pair;
-    const created = createSocketPair(pair);
-    if (created < 0) {
-      logger.error(`socketpair for key "{key}": {code}; closing clients {a} and {b}`, {
-        key: describeKey(key),
-        code: errnoName(-created),
+    const outcome = this.#delivery.deliver(partner, newcomer);
+    const waited = performance.now() - partner.since;
+    if (outcome === Delivered.PartnerGone) {
+      if (this.#debug) logger.debug("client {id} left before its pair arrived", { id: partner.id });
+      this.#table.close(partner);
+      return false;
+    }
+    if (outcome === Delivered.Failed) {
+      this.metrics.countDrop("delivery_failed");
+      this.#warn("delivery", "no pair for key {key}: {failure}; closed clients {a} and {b}", {
+        key: `"${describeKey(key)}"`,
+        failure: this.#delivery.failure,
         a: partner.id,
         b: newcomer.id,
       });
-      this.#disconnect(partner);
-      this.#disconnect(newcomer);
-      return true;
+    } else {
+      this.metrics.paired++;
+      this.metrics.pairWait.observe(waited / 1000);
+      if (this.#debug) this.#logPaired(partner, newcomer, key);
     }
-    const toPartner = this.#sendSetPair(partner, pair[0]);
-    const toNewcomer = toPartner < 0 ? 0 : this.#sendSetPair(newcomer, pair[1]);
-    closeDescriptor(pair[0]);
-    closeDescriptor(pair[1]);
-    const waited = performance.now() - partner.since;
-    if (toPartner === 0 && toNewcomer === 0 && this.#debug) {
-      logger.debug(
-        `paired client {a} (pid {pidA}, uid {uidA}) and {b} (pid {pidB}, uid {uidB}) on key "{key}"`,
-        {
-          a: partner.id,
-          pidA: partner.peer.pid,
-          uidA: partner.peer.uid,
-          b: newcomer.id,
-          pidB: newcomer.peer.pid,
-          uidB: newcomer.peer.uid,
-          key: describeKey(key),
-        },
-      );
-    }
-    this.#disconnect(partner);
-    if (toPartner < 0) {
-      logger.debug("client {id} left before its pair arrived ({code})", {
-        id: partner.id,
-        code: errnoName(-toPartner),
-      });
-      return false;
-    }
-    this.#disconnect(newcomer);
-    if (toNewcomer < 0) {
-      logger.warn("SET_PAIR to client {id} failed ({code}); closed its partner {partner} too", {
-        id: newcomer.id,
-        code: errnoName(-toNewcomer),
-        partner: partner.id,
-      });
-      return true;
-    }
-    this.metrics.paired++;
-    this.metrics.pairWait.observe(waited / 1000);
+    this.#table.close(partner);
+    this.#table.close(newcomer);
     return true;
   }
 
-  /** 0 when the whole reply went out with `fd`, otherwise -errno (a short send counts as EPIPE). */
-  #sendSetPair(connection: Connection, fd: number): number {
-    this.#outbound.prepareSend(MESSAGE_SIZE, fd);
-    const sent = sendMessage(connection.fd, this.#outbound);
-    if (sent < 0) return sent;
-    return sent === MESSAGE_SIZE ? 0 : -Errno.EPIPE;
+  #logPaired(partner: Connection, newcomer: Connection, key: Uint8Array): void {
+    logger.debug(
+      `paired client {a} (pid {pidA}, uid {uidA}) and {b} (pid {pidB}, uid {uidB}) on key "{key}"`,
+      {
+        a: partner.id,
+        pidA: partner.peer.pid,
+        uidA: partner.peer.uid,
+        b: newcomer.id,
+        pidB: newcomer.peer.pid,
+        uidB: newcomer.peer.uid,
+        key: describeKey(key),
+      },
+    );
   }
+
+  /** A warning about a client, within its cause's budget of log lines. */
+  #warn(cause: string, message: string, properties: Record<string, unknown>): void {
+    if (this.#logLimit.allow(cause, performance.now())) logger.warn(message, properties);
+  }
+
+  readonly #reportHeldBack = (cause: string, dropped: number, seconds: number) => {
+    logger.warn("held back {dropped} similar warnings ({cause}) in the last {seconds} s", {
+      dropped,
+      cause,
+      seconds,
+    });
+  };
 
   #reject(connection: Connection, error: ProtocolError): void {
     this.metrics.countProtocolError(error.field);
-    logger.warn("closing client {id}: {reason}", { id: connection.id, reason: error.message });
-    this.#disconnect(connection);
+    this.#warn(`protocol:${error.field}`, "closing client {id}: {reason}", {
+      id: connection.id,
+      reason: error.message,
+    });
+    this.#table.close(connection);
+  }
+
+  #refuse(connection: Connection, refusal: Refusal): void {
+    this.#drop(connection, refusal.reason, refusal.detail);
   }
 
   #drop(connection: Connection, reason: DropReason, detail: string): void {
     this.metrics.countDrop(reason);
-    logger.warn("closing client {id} (pid {pid}, uid {uid}): {detail}", {
-      id: connection.id,
-      pid: connection.peer.pid,
-      uid: connection.peer.uid,
-      detail,
-    });
-    this.#disconnect(connection);
+    if (this.#logLimit.allow(`drop:${reason}`, performance.now())) {
+      logger.warn("closing client {id} (pid {pid}, uid {uid}): {detail}", {
+        id: connection.id,
+        pid: connection.peer.pid,
+        uid: connection.peer.uid,
+        detail,
+      });
+    }
+    this.#table.close(connection);
   }
 
-  /** Closes connections past their handshake or pair deadline. */
+  /** Closes connections past their handshake or pair deadline; says what the log held back. */
   #sweep(): void {
     const now = performance.now();
+    this.#logLimit.report(now, this.#reportHeldBack);
     const handshakeDeadline = now - this.#options.handshakeTimeoutMs;
-    for (const connection of this.#handshaking) {
+    for (const connection of this.#table.handshaking) {
       if (connection.since > handshakeDeadline) break;
       this.#drop(
         connection,
@@ -674,40 +634,11 @@ export class Broker implements AsyncDisposable {
     }
     const pairTimeout = this.#options.pairTimeoutMs;
     if (pairTimeout === undefined) return;
-    for (const connection of this.#waiting) {
+    for (const connection of this.#table.waiting) {
       if (connection.since > now - pairTimeout) break;
       this.#drop(connection, "pair_timeout", `no partner within ${pairTimeout} ms`);
     }
   }
-
-  /** Where every client descriptor is closed: exactly once, leaving every table. */
-  #disconnect(connection: Connection): void {
-    if (!this.#connections.delete(connection.id)) return;
-    this.#handshaking.delete(connection);
-    if (connection.waiter !== undefined) {
-      connection.waiter.cancel();
-      this.#waiting.delete(connection);
-      if (this.#options.maxWaitingPerUid !== undefined) {
-        const uid = connection.peer.uid;
-        const left = (this.#waitingPerUid.get(uid) ?? 1) - 1;
-        if (left > 0) this.#waitingPerUid.set(uid, left);
-        else this.#waitingPerUid.delete(uid);
-      }
-    }
-    Reactor.instance().unregister(connection, true);
-    closeDescriptor(connection.fd);
-  }
-}
-
-/** The scope of keys a policy lets pair across uids: `(uid_t)-1` is nobody's uid. */
-const CROSS_UID_SCOPE = 0xffffffff;
-
-/** The key prefixed with a uid, so that only clients of one uid can match it. */
-function scoped(key: Uint8Array, uid: number): Uint8Array {
-  const result = new Uint8Array(4 + key.length);
-  new DataView(result.buffer).setUint32(0, uid);
-  result.set(key, 4);
-  return result;
 }
 
 /**

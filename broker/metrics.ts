@@ -42,7 +42,16 @@ export class Histogram {
 }
 
 /** Why a connection was closed without a pair, beyond protocol violations. */
-export type DropReason = "handshake_timeout" | "pair_timeout" | "uid_limit" | "policy" | "kicked";
+export type DropReason =
+  | "handshake_timeout"
+  | "pair_timeout"
+  | "uid_limit"
+  | "incomplete_limit"
+  | "capacity"
+  | "shed"
+  | "delivery_failed"
+  | "policy"
+  | "kicked";
 
 /** Everything the broker counts. */
 export class BrokerMetrics {
@@ -50,9 +59,9 @@ export class BrokerMetrics {
   accepted = 0;
   /** Pairs delivered. */
   paired = 0;
-  /** Times accepting paused, at capacity or out of descriptors (one per retry interval). */
+  /** Times accepting paused, out of descriptors or memory (one per retry interval). */
   acceptPauses = 0;
-  /** Episodes of not accepting, at capacity or out of descriptors (each logged once). */
+  /** Episodes of not accepting, out of descriptors or memory (each logged once). */
   descriptorExhaustions = 0;
   /** Connections closed for breaking the protocol, by offending field. */
   readonly protocolErrors: Partial<Record<ProtocolErrorField, number>> = {};

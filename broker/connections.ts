@@ -1,0 +1,235 @@
+/**
+ * The broker's connection table: every open client connection by id, the
+ * ones still sending their request and the ones waiting for a partner (each
+ * in arrival order, for deadlines), and what each uid holds, for fairness.
+ * {@link ConnectionTable.close} is where every client descriptor is closed.
+ *
+ * A client that pairs at accept is never counted against its uid: only
+ * connections that stay (incomplete or waiting) hold capacity.
+ *
+ * @module
+ */
+
+import type { Mode } from "../client/protocol.ts";
+import { Reactor, type Registrant } from "../ffi/reactor.ts";
+import { closeDescriptor, peerCredentials } from "../ffi/socket.ts";
+import type { PeerCredentials } from "../ffi/structs.ts";
+import type { Waiter } from "./matcher.ts";
+
+/**
+ * One client connection, from accept to close. It is its own reactor
+ * registration: one object per client, no watch or closure beside it.
+ */
+export class Connection implements Registrant {
+  /** The broker's id for it: ids only grow. */
+  readonly id: number;
+  /** Its descriptor, owned by the table. */
+  readonly fd: number;
+  /** The reactor's registration tag. */
+  tag = 0;
+  /** `performance.now()` at accept, then when it started waiting. */
+  since: number;
+  /** Bytes of the request frame received so far. */
+  received = 0;
+  /** Holds a request that arrived in pieces; most arrive whole and never need it. */
+  frame?: Uint8Array;
+  /** Set once its request is filed in the matcher. */
+  waiter?: Waiter<Connection>;
+  /** Its matcher key carries a uid prefix (`isolateUids`). */
+  scoped = false;
+  /** Its uid's account, while it holds capacity (incomplete or waiting). */
+  account?: UidAccount;
+  /** The next older and newer connection its uid holds. */
+  olderOfUid?: Connection;
+  newerOfUid?: Connection;
+  /** The broker's handler, shared by every connection. */
+  readonly #onReadable: (connection: Connection) => void;
+  #peer?: PeerCredentials;
+
+  constructor(id: number, fd: number, now: number, onReadable: (connection: Connection) => void) {
+    this.id = id;
+    this.fd = fd;
+    this.since = now;
+    this.#onReadable = onReadable;
+  }
+
+  /** Readable, hung up or in error: the broker reads to find out which. */
+  onReady(): void {
+    this.#onReadable(this);
+  }
+
+  /** `SO_PEERCRED`, read on first use: the kernel keeps the values from connect time. */
+  get peer(): PeerCredentials {
+    return this.#peer ??= peerCredentials(this.fd);
+  }
+
+  /** The key it waits on, as the client sent it. */
+  get key(): Uint8Array {
+    const key = this.waiter!.key;
+    return this.scoped ? key.subarray(4) : key;
+  }
+
+  /** The mode it waits in. */
+  get mode(): Mode {
+    return this.waiter!.mode;
+  }
+}
+
+/** What one uid holds now: its incomplete and waiting connections, oldest first. */
+export class UidAccount {
+  /** The uid. */
+  readonly uid: number;
+  /** Its connections still sending their request. */
+  incomplete = 0;
+  /** Its connections waiting for a partner. */
+  waiting = 0;
+  /** Its oldest held connection: the one shed first. */
+  oldest?: Connection;
+  /** Its newest held connection. */
+  newest?: Connection;
+
+  constructor(uid: number) {
+    this.uid = uid;
+  }
+
+  /** Connections it holds. */
+  get held(): number {
+    return this.incomplete + this.waiting;
+  }
+}
+
+/** See the module documentation. */
+export class ConnectionTable {
+  /** Connections still sending their request, in arrival order. */
+  readonly handshaking: Set<Connection> = new Set();
+  /** Connections waiting for a partner, in the order they started waiting. */
+  readonly waiting: Set<Connection> = new Set();
+  // A Map keeps insertion order and ids only grow: iteration is by ascending id.
+  readonly #byId = new Map<number, Connection>();
+  readonly #accounts = new Map<number, UidAccount>();
+  /** Accounts by how many connections they hold, so that the heaviest is found at once. */
+  readonly #byHeld: Set<UidAccount>[] = [];
+  #mostHeld = 0;
+
+  /** Open connections. */
+  get size(): number {
+    return this.#byId.size;
+  }
+
+  /** The open connection with `id`. */
+  get(id: number): Connection | undefined {
+    return this.#byId.get(id);
+  }
+
+  /** Open connections by ascending id. */
+  values(): IterableIterator<Connection> {
+    return this.#byId.values();
+  }
+
+  /** Whether `connection` is still open. */
+  has(connection: Connection): boolean {
+    return this.#byId.has(connection.id);
+  }
+
+  /** Takes in a connection just accepted. */
+  add(connection: Connection): void {
+    this.#byId.set(connection.id, connection);
+  }
+
+  /** The account of `uid`, if it holds any connection. */
+  account(uid: number): UidAccount | undefined {
+    return this.#accounts.get(uid);
+  }
+
+  /** The account holding the most connections (any one of them on a tie). */
+  heaviest(): UidAccount | undefined {
+    for (const account of this.#byHeld[this.#mostHeld] ?? []) return account;
+    return undefined;
+  }
+
+  /** `connection` still sends its request after its first read: it counts for its uid. */
+  startHandshake(connection: Connection): void {
+    this.handshaking.add(connection);
+    const account = this.#hold(connection);
+    this.#recount(account, 1, 0);
+  }
+
+  /** `connection` completed its request. */
+  endHandshake(connection: Connection): void {
+    if (!this.handshaking.delete(connection)) return;
+    const account = connection.account!;
+    this.#recount(account, -1, 0);
+    this.#releaseIfIdle(connection);
+  }
+
+  /** `connection` waits for a partner as `waiter`. */
+  startWaiting(connection: Connection, waiter: Waiter<Connection>, now: number): void {
+    connection.waiter = waiter;
+    connection.since = now;
+    this.waiting.add(connection);
+    const account = this.#hold(connection);
+    this.#recount(account, 0, 1);
+  }
+
+  /**
+   * Closes `connection`: cancels its wait, leaves every table, stops watching
+   * it and closes its descriptor. Returns false if it was closed already.
+   */
+  close(connection: Connection): boolean {
+    if (!this.#byId.delete(connection.id)) return false;
+    this.endHandshake(connection);
+    if (connection.waiter !== undefined) {
+      connection.waiter.cancel();
+      if (this.waiting.delete(connection)) {
+        const account = connection.account!;
+        this.#recount(account, 0, -1);
+        this.#releaseIfIdle(connection);
+      }
+    }
+    Reactor.instance().unregister(connection, true);
+    closeDescriptor(connection.fd);
+    return true;
+  }
+
+  /** Links `connection` into its uid's account, creating the account, unless it is already in. */
+  #hold(connection: Connection): UidAccount {
+    if (connection.account !== undefined) return connection.account;
+    const uid = connection.peer.uid;
+    let account = this.#accounts.get(uid);
+    if (account === undefined) {
+      account = new UidAccount(uid);
+      this.#accounts.set(uid, account);
+    }
+    connection.account = account;
+    connection.olderOfUid = account.newest;
+    if (account.newest) account.newest.newerOfUid = connection;
+    else account.oldest = connection;
+    account.newest = connection;
+    return account;
+  }
+
+  /** Unlinks a connection that no longer holds capacity; drops an emptied account. */
+  #releaseIfIdle(connection: Connection): void {
+    const account = connection.account;
+    if (account === undefined || this.handshaking.has(connection)) return;
+    if (this.waiting.has(connection)) return;
+    if (connection.olderOfUid) connection.olderOfUid.newerOfUid = connection.newerOfUid;
+    else account.oldest = connection.newerOfUid;
+    if (connection.newerOfUid) connection.newerOfUid.olderOfUid = connection.olderOfUid;
+    else account.newest = connection.olderOfUid;
+    connection.olderOfUid = connection.newerOfUid = connection.account = undefined;
+    if (account.held === 0) this.#accounts.delete(account.uid);
+  }
+
+  /** Changes the account's counts and moves it to its new place by held count. */
+  #recount(account: UidAccount, incomplete: number, waiting: number): void {
+    const before = account.held;
+    account.incomplete += incomplete;
+    account.waiting += waiting;
+    const after = account.held;
+    this.#byHeld[before]?.delete(account);
+    if (after > 0) (this.#byHeld[after] ??= new Set()).add(account);
+    if (after > this.#mostHeld) this.#mostHeld = after;
+    while (this.#mostHeld > 0 && !this.#byHeld[this.#mostHeld]?.size) this.#mostHeld--;
+  }
+}
