@@ -144,3 +144,56 @@ Deno.test("load picks TOML or JSON by the file name and reports a missing file",
     await Deno.remove(directory, { recursive: true });
   }
 });
+
+/**
+ * Times `batch` decisions of `key` against `rules` for keys of 16, 32, … up to
+ * 1024 bytes, and fails as soon as one batch takes `limitMs` or more: a
+ * matcher that backtracks blows up already at 32 or 64 bytes, so the test
+ * fails in a second instead of hanging for the minutes the full key would take.
+ */
+function assertFast(
+  rules: unknown[],
+  key: (length: number) => string,
+  { batch, limitMs }: { batch: number; limitMs: number },
+) {
+  const policy = AccessPolicy.parse(JSON.stringify({ rules }), "json", "timing");
+  for (let length = 16; length <= 1024; length *= 2) {
+    const bytes = encoder.encode(key(length));
+    assert.equal(bytes.length, length);
+    ask(policy, bytes, "server", 1000); // compiled and warm before the clock starts
+    const start = performance.now();
+    for (let round = 0; round < batch; round++) {
+      assert.equal(ask(policy, bytes, "server", 1000).allowed, false);
+    }
+    const elapsed = performance.now() - start;
+    assert.ok(
+      elapsed < limitMs,
+      `${rules.length} rules, key of ${length} bytes: ${batch} decisions took ${
+        elapsed.toFixed(1)
+      } ms (limit ${limitMs} ms)`,
+    );
+  }
+}
+
+Deno.test("glob matching does not backtrack: hostile keys of 1024 bytes take microseconds", () => {
+  const hostile: [string, (length: number) => string][] = [
+    // The reproduction from issue 8: the old RegExp took about 46 s for the 1024-byte key.
+    ["svc-*-*-*-*-api", (length) => `svc-${"-".repeat(length - 5)}x`],
+    ["*a*a*a*a*a*b", (length) => "a".repeat(length)],
+    ["*?*?*?*?*?*x", (length) => "a".repeat(length)],
+    // The ends match, so the inner segments are searched over the whole key.
+    ["a*a*a*a*a*b*a", (length) => "a".repeat(length)],
+  ];
+  for (const [glob, key] of hostile) {
+    assertFast([{ action: "allow", glob }], key, { batch: 100, limitMs: 5 });
+  }
+});
+
+Deno.test("1000 glob rules that each scan the whole key: a 1024-byte key is decided in milliseconds", () => {
+  // No rule matches, and none is ruled out by its ends: each one scans the whole key.
+  const rules = Array.from({ length: 1000 }, (_, index) => ({
+    action: "allow",
+    glob: `*-*-*-*-${index}*`,
+  }));
+  assertFast(rules, (length) => `svc-${"-".repeat(length - 5)}x`, { batch: 10, limitMs: 250 });
+});
