@@ -147,9 +147,11 @@ Deno.test("load picks TOML or JSON by the file name and reports a missing file",
 
 /**
  * Times `batch` decisions of `key` against `rules` for keys of 16, 32, … up to
- * 1024 bytes, and fails as soon as one batch takes `limitMs` or more: a
- * matcher that backtracks blows up already at 32 or 64 bytes, so the test
- * fails in a second instead of hanging for the minutes the full key would take.
+ * 1024 bytes, and fails as soon as the fastest of three batches takes
+ * `limitMs` or more (the fastest, so that a busy machine does not fail it; a
+ * matcher that backtracks is slow every time). A backtracking matcher blows up
+ * already at 32 or 64 bytes, so the test fails in seconds instead of hanging
+ * for the minutes the full key would take.
  */
 function assertFast(
   rules: unknown[],
@@ -160,17 +162,19 @@ function assertFast(
   for (let length = 16; length <= 1024; length *= 2) {
     const bytes = encoder.encode(key(length));
     assert.equal(bytes.length, length);
-    ask(policy, bytes, "server", 1000); // compiled and warm before the clock starts
-    const start = performance.now();
-    for (let round = 0; round < batch; round++) {
-      assert.equal(ask(policy, bytes, "server", 1000).allowed, false);
-    }
-    const elapsed = performance.now() - start;
+    const times = [0, 1, 2].map(() => {
+      const start = performance.now();
+      for (let round = 0; round < batch; round++) {
+        assert.equal(ask(policy, bytes, "server", 1000).allowed, false);
+      }
+      return performance.now() - start;
+    });
+    const fastest = Math.min(...times);
     assert.ok(
-      elapsed < limitMs,
+      fastest < limitMs,
       `${rules.length} rules, key of ${length} bytes: ${batch} decisions took ${
-        elapsed.toFixed(1)
-      } ms (limit ${limitMs} ms)`,
+        fastest.toFixed(1)
+      } ms at best (limit ${limitMs} ms)`,
     );
   }
 }
@@ -187,6 +191,13 @@ Deno.test("glob matching does not backtrack: hostile keys of 1024 bytes take mic
   for (const [glob, key] of hostile) {
     assertFast([{ action: "allow", glob }], key, { batch: 100, limitMs: 5 });
   }
+  // The most a single rule can cost: a segment of 1001 bytes (32 words of state) searched across
+  // the whole key, 32 768 word steps.
+  const longest = `*${"a?".repeat(500)}b*`;
+  assertFast([{ action: "allow", glob: longest }], (length) => "a".repeat(length), {
+    batch: 10,
+    limitMs: 5,
+  });
 });
 
 Deno.test("1000 glob rules that each scan the whole key: a 1024-byte key is decided in milliseconds", () => {
@@ -195,5 +206,5 @@ Deno.test("1000 glob rules that each scan the whole key: a 1024-byte key is deci
     action: "allow",
     glob: `*-*-*-*-${index}*`,
   }));
-  assertFast(rules, (length) => `svc-${"-".repeat(length - 5)}x`, { batch: 10, limitMs: 250 });
+  assertFast(rules, (length) => `svc-${"-".repeat(length - 5)}x`, { batch: 5, limitMs: 250 });
 });
