@@ -61,6 +61,28 @@ const symbols = {
   open: { parameters: ["buffer", "i32"], result: "i32" },
   // int unlink(const char *path)
   unlink: { parameters: ["buffer"], result: "i32" },
+  // int open(const char *path, int flags, mode_t mode): with O_CREAT, the mode of a new file
+  open_with_mode: { name: "open", parameters: ["buffer", "i32", "u32"], result: "i32" },
+  // int fstat(int fd, struct stat *st)
+  fstat: { parameters: ["i32", "buffer"], result: "i32" },
+  // int flock(int fd, int operation)
+  flock: { parameters: ["i32", "i32"], result: "i32" },
+  // int ftruncate(int fd, off_t length)
+  ftruncate: { parameters: ["i32", "i64"], result: "i32" },
+  // ssize_t pread(int fd, void *buf, size_t count, off_t offset)
+  pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "i32" },
+  // ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
+  pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "i32" },
+  // int lchown(const char *path, uid_t owner, gid_t group)
+  lchown: { parameters: ["buffer", "u32", "u32"], result: "i32" },
+  // int fchmodat(int dirfd, const char *path, mode_t mode, int flags)
+  fchmodat: { parameters: ["i32", "buffer", "u32", "i32"], result: "i32" },
+  // uid_t geteuid(void)
+  geteuid: { parameters: [], result: "u32" },
+  // mode_t umask(mode_t mask)
+  umask: { parameters: ["u32"], result: "u32" },
+  // int fchmod(int fd, mode_t mode)
+  fchmod: { parameters: ["i32", "u32"], result: "i32" },
   // int epoll_create1(int flags)
   epoll_create1: { parameters: ["i32"], result: "i32" },
   // int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
@@ -186,3 +208,27 @@ export const EFD_NONBLOCK = 0o4000;
 export const EFD_CLOEXEC = 0o2000000;
 /** `RLIMIT_NOFILE` */
 export const RLIMIT_NOFILE = 7;
+/** `O_WRONLY` */
+export const O_WRONLY = 0o1;
+/** `O_RDWR` */
+export const O_RDWR = 0o2;
+/** `O_CREAT` */
+export const O_CREAT = 0o100;
+/** `O_EXCL` */
+export const O_EXCL = 0o200;
+/** `O_APPEND` */
+export const O_APPEND = 0o2000;
+/** `O_CLOEXEC` */
+export const O_CLOEXEC = 0o2000000;
+/** `O_PATH`: a handle to the file itself, to fstat it without opening its content. */
+export const O_PATH = 0o10000000;
+/** `O_NOFOLLOW`: the one flag here whose value differs, aarch64 taking the generic one. */
+export const O_NOFOLLOW: number = Deno.build.arch === "x86_64" ? 0o400000 : 0o100000;
+/** `LOCK_EX` (flock) */
+export const LOCK_EX = 2;
+/** `LOCK_NB` (flock): fail with EWOULDBLOCK instead of waiting. */
+export const LOCK_NB = 4;
+/** `AT_FDCWD`: a path relative to the working directory, for the `*at` calls. */
+export const AT_FDCWD = -100;
+/** `AT_SYMLINK_NOFOLLOW` */
+export const AT_SYMLINK_NOFOLLOW = 0x100;

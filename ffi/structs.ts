@@ -1,7 +1,8 @@
 /**
  * Byte layouts of the C structs we hand to libc, for Linux x86_64 and aarch64
- * (both LP64: pointers and `size_t` are 8 bytes). Only `epoll_event` differs:
- * x86_64 packs it to 12 bytes, aarch64 pads it to 16.
+ * (both LP64: pointers and `size_t` are 8 bytes). Two differ: x86_64 packs
+ * `epoll_event` to 12 bytes where aarch64 pads it to 16, and `struct stat`
+ * has its own x86_64 layout while aarch64 takes the generic one.
  *
  * @module
  */
@@ -192,3 +193,47 @@ export class MessageHeader {
 
 /** A `struct rlimit` (two 64-bit counts). */
 export const RLIMIT_SIZE = 16;
+
+/** The fields of a `struct stat` that decide whether a file may be trusted. */
+export interface StatFields {
+  /** Device of the file system. */
+  dev: bigint;
+  /** Inode number; with `dev`, the file's identity. */
+  ino: bigint;
+  /** Type and permission bits (`st_mode`). */
+  mode: number;
+  /** Hard links to the inode. */
+  nlink: number;
+  /** Owner. */
+  uid: number;
+  /** Group. */
+  gid: number;
+  /** Bytes in the file. */
+  size: number;
+}
+
+const STAT_X86_64 = { size: 144, nlink: 16, mode: 24, uid: 28, gid: 32 };
+// aarch64 takes the generic layout: st_mode before a 32-bit st_nlink.
+const STAT_AARCH64 = { size: 128, nlink: 20, mode: 16, uid: 24, gid: 28 };
+const statLayout = Deno.build.arch === "x86_64" ? STAT_X86_64 : STAT_AARCH64;
+
+/** `sizeof(struct stat)` on this machine. */
+export const STAT_SIZE: number = statLayout.size;
+
+/** Reads the fields we use from a `struct stat` filled by `fstat`. */
+export function readStat(bytes: Uint8Array): StatFields {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, STAT_SIZE);
+  const x86 = statLayout === STAT_X86_64;
+  return {
+    dev: view.getBigUint64(0, true),
+    ino: view.getBigUint64(8, true),
+    mode: view.getUint32(statLayout.mode, true),
+    nlink: x86
+      ? Number(view.getBigUint64(statLayout.nlink, true))
+      : view.getUint32(statLayout.nlink, true),
+    uid: view.getUint32(statLayout.uid, true),
+    gid: view.getUint32(statLayout.gid, true),
+    // st_size is at 48 in both.
+    size: Number(view.getBigInt64(48, true)),
+  };
+}
