@@ -21,12 +21,12 @@ import { countOpenDescriptors, raiseDescriptorLimit } from "../ffi/process.ts";
 import { Reactor } from "../ffi/reactor.ts";
 import { Broker } from "./broker.ts";
 import { serveControl } from "./control.ts";
-import { daemonize } from "./daemon.ts";
+import { daemonize, DEFAULT_READY_TIMEOUT_MS } from "./daemon.ts";
 import { getFileSink } from "./log_file.ts";
 import { ServiceNotifier } from "./notify.ts";
 import { ReloadingPolicy } from "./policy.ts";
 import { PidFile } from "./pidfile.ts";
-import { applySocketAccess, parseSocketMode, resolveGroup } from "./socket_access.ts";
+import { checkSocketAccess, parseSocketMode, resolveGroup } from "./socket_access.ts";
 import { takeListener } from "./systemd.ts";
 
 /** Usage of `one-socket broker`. */
@@ -46,11 +46,15 @@ Options:
                        path plus ".control", where one-socket ctl looks for it
   --log-level LEVEL    trace, debug, info (default), warning, error, fatal
   --log-format FORMAT  text (default) or json (one object per line)
-  --log-file PATH      append the log to PATH instead of stderr; SIGHUP reopens it
-  --pidfile PATH       write the broker's pid to PATH, removed on exit; refused
-                       while PATH names another running process
+  --log-file PATH      append the log to PATH instead of stderr; SIGHUP reopens it.
+                       Refused unless a regular file of ours (or root's) that
+                       nobody else may write; created with mode 0640
+  --pidfile PATH       write the broker's pid to PATH and lock it, removed on
+                       exit; refused while another process holds the lock
   --daemon             run in the background: exit 0 once the broker serves, or
                        1 with its error (for hosts without a service manager)
+  --ready-timeout SECONDS  with --daemon: give up (exit 1, the broker killed) if
+                       it does not serve within SECONDS (default ${DEFAULT_READY_TIMEOUT_MS / 1000})
   --socket-mode MODE   permission bits of the socket file, e.g. 0660
   --socket-group GROUP group (name or gid) of the socket file; neither applies
                        to a socket passed by systemd (its unit sets them)
@@ -157,6 +161,7 @@ export function runBroker(args: string[]): Promise<number> {
       "log-file": { type: "string" },
       pidfile: { type: "string" },
       daemon: { type: "boolean", default: false },
+      "ready-timeout": { type: "string", default: String(DEFAULT_READY_TIMEOUT_MS / 1000) },
       "socket-mode": { type: "string" },
       "socket-group": { type: "string" },
       help: { type: "boolean", short: "h" },
@@ -191,8 +196,9 @@ export function runBroker(args: string[]): Promise<number> {
       mode: mode === undefined ? undefined : parseSocketMode(mode),
       gid: group === undefined ? undefined : resolveGroup(group),
     };
+    const readyTimeoutMs = seconds("--ready-timeout", values["ready-timeout"]) * 1000;
     if (values.daemon) {
-      await daemonize(values["log-file"]);
+      await daemonize(values["log-file"], readyTimeoutMs);
       return 0;
     }
     using notifier = ServiceNotifier.fromEnvironment(Deno.env.toObject(), Deno.pid);
@@ -203,7 +209,9 @@ export function runBroker(args: string[]): Promise<number> {
       // READY=1, still ends in a graceful shutdown.
       const stop = shutdownSignal();
       using _hangup = surviveHangup();
-      using _pidfile = values.pidfile === undefined ? undefined : PidFile.create(values.pidfile);
+      using _pidfile = values.pidfile === undefined
+        ? undefined
+        : await PidFile.create(values.pidfile);
       using policy = values.policy === undefined
         ? undefined
         : await ReloadingPolicy.load(values.policy);
@@ -214,7 +222,10 @@ export function runBroker(args: string[]): Promise<number> {
       const maxConnections = limit.soft - (countOpenDescriptors() + 1) -
         descriptorReserve(limit.soft);
       const path = inherited?.path ?? resolveSocketPath(values.socket);
-      if (inherited === undefined) guardFallbackDirectory(path, true);
+      if (inherited === undefined) {
+        guardFallbackDirectory(path, true);
+        checkSocketAccess(path, access);
+      }
       const broker = await Broker.listen({
         maxConnections,
         path,
@@ -224,13 +235,13 @@ export function runBroker(args: string[]): Promise<number> {
         maxWaitingPerUid,
         isolateUids: values["isolate-uids"],
         authorize: policy?.authorize,
+        socketAccess: inherited === undefined ? access : undefined,
       });
       logger.info("descriptor limit {soft} (hard {hard}): room for {clients} clients", {
         ...limit,
         clients: maxConnections,
       });
       try {
-        if (inherited === undefined) applySocketAccess(broker.path, access);
         const control = values.control === undefined
           ? undefined
           : await serveControl(broker, values.control);

@@ -6,7 +6,7 @@
  */
 
 import { getLogger, type LogRecord, type Sink, type TextFormatter } from "@logtape/logtape";
-import { fileError } from "../ffi/errors.ts";
+import { openOwnFile, type OwnFile } from "../ffi/files.ts";
 
 const logger = getLogger(["one-socket", "broker"]);
 const encoder = new TextEncoder();
@@ -17,25 +17,28 @@ export const LOG_FILE_MODE = 0o640;
 /** A sink that owns its file: LogTape's `dispose()` closes it. */
 export type FileSink = Sink & Disposable;
 
-function openAppending(path: string): Deno.FsFile {
-  try {
-    return Deno.openSync(path, { append: true, create: true, mode: LOG_FILE_MODE });
-  } catch (error) {
-    throw fileError(error, "open", path);
-  }
+/**
+ * `path` open for appending, created (mode 0640) if missing. Refused, so
+ * that nobody else reads the log or has us write into a file of their
+ * choosing: a symlink, anything but a regular file (a FIFO would block us),
+ * a file of another user, or one that others may write.
+ */
+export function openLogFile(path: string): OwnFile {
+  return openOwnFile(path, { access: "append", createMode: LOG_FILE_MODE });
 }
 
 /**
  * A sink appending each record to `path` as `formatter` renders it. Writes
  * are synchronous, so nothing is lost when the process exits, and a record
- * never interleaves with another. On SIGHUP it opens `path` again; if that
- * fails it keeps writing to the file it has and logs why.
+ * never interleaves with another. On SIGHUP it opens `path` again, with the
+ * same checks as {@link openLogFile}; if that fails or is refused, it keeps
+ * writing to the file it has and logs why.
  */
 export function getFileSink(path: string, formatter: TextFormatter): FileSink {
-  let file = openAppending(path);
+  let file = openLogFile(path);
   const reopen = () => {
     try {
-      const next = openAppending(path);
+      const next = openLogFile(path);
       file.close();
       file = next;
       logger.info("reopened log file {path}", { path });
@@ -47,10 +50,7 @@ export function getFileSink(path: string, formatter: TextFormatter): FileSink {
   };
   Deno.addSignalListener("SIGHUP", reopen);
   const sink = (record: LogRecord) => {
-    const bytes = encoder.encode(formatter(record));
-    for (let written = 0; written < bytes.length;) {
-      written += file.writeSync(bytes.subarray(written));
-    }
+    file.write(encoder.encode(formatter(record)));
   };
   return Object.assign(sink, {
     [Symbol.dispose]() {

@@ -1,24 +1,21 @@
 /**
- * Who may connect to the broker socket: `--socket-mode` and `--socket-group`,
- * applied to the socket file once it is bound. Connecting to a Unix socket
- * needs write permission on its file, so `0660` plus a group lets exactly
- * that group's members in.
+ * Who may connect to the broker socket: `--socket-mode` and `--socket-group`.
+ * Connecting to a Unix socket needs write permission on its file, so `0660`
+ * plus a group lets exactly that group's members in. The broker puts both in
+ * place between `bind` and `listen` (see `listenUnix`), so nobody else can
+ * connect at any instant.
  *
  * @module
  */
 
 import { UsageError } from "../client/command_line.ts";
 import { fileError } from "../ffi/errors.ts";
+import type { SocketFileAccess } from "../ffi/socket.ts";
 
 const GROUP_FILE = "/etc/group";
 
 /** Permission bits and group owner for the socket file; each unset one is left as bound. */
-export interface SocketAccess {
-  /** Permission bits, e.g. `0o660`. */
-  mode?: number;
-  /** Group id to own the file. */
-  gid?: number;
-}
+export type SocketAccess = SocketFileAccess;
 
 /** `--socket-mode`: three or four octal digits (`0660`, `660`). */
 export function parseSocketMode(text: string): number {
@@ -53,21 +50,9 @@ export function resolveGroup(group: string): number {
   return gid;
 }
 
-/** Sets the group, then the mode, of the socket file at `path`. */
-export function applySocketAccess(path: string, { mode, gid }: SocketAccess): void {
-  if (mode === undefined && gid === undefined) return;
-  if (path.startsWith("@")) {
+/** Throws if `access` asks for anything but `path` has no file to apply it to (abstract). */
+export function checkSocketAccess(path: string, { mode, gid }: SocketAccess): void {
+  if ((mode !== undefined || gid !== undefined) && path.startsWith("@")) {
     throw new Error(`--socket-mode and --socket-group need a socket file; ${path} is abstract`);
-  }
-  // Group first: a mode that opens the file to a group must not briefly apply to the old one.
-  try {
-    if (gid !== undefined) Deno.chownSync(path, null, gid);
-  } catch (error) {
-    throw fileError(error, "chown", path);
-  }
-  try {
-    if (mode !== undefined) Deno.chmodSync(path, mode);
-  } catch (error) {
-    throw fileError(error, "chmod", path);
   }
 }

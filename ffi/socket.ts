@@ -10,6 +10,8 @@
 
 import {
   AF_UNIX,
+  AT_FDCWD,
+  AT_SYMLINK_NOFOLLOW,
   errno,
   F_GETFD,
   F_GETFL,
@@ -107,11 +109,23 @@ function newSocket(type: number, path: string): number {
   return fd;
 }
 
-/** A new nonblocking socket of `type` bound to `path`, then `prepare`d. */
-function boundSocket(type: number, path: string, prepare?: (fd: number) => void): UnixSocket {
+/**
+ * A new nonblocking socket of `type` bound to `path`, then `prepare`d. With
+ * `fileMode`, the socket file is created with at most those permission bits
+ * (less the umask): Linux gives it the mode of the socket's inode at `bind`.
+ */
+function boundSocket(
+  type: number,
+  path: string,
+  prepare?: (fd: number) => void,
+  fileMode?: number,
+): UnixSocket {
   const address = sockaddrUn(path);
   const socket = new UnixSocket(newSocket(type, path));
   try {
+    if (fileMode !== undefined && libc.fchmod(socket.fd, fileMode) < 0) {
+      throw new OsError("fchmod", errno(), path);
+    }
     if (libc.bind(socket.fd, address, address.length) < 0) {
       throw new OsError("bind", errno(), path);
     }
@@ -123,11 +137,56 @@ function boundSocket(type: number, path: string, prepare?: (fd: number) => void)
   }
 }
 
-/** Binds a new nonblocking socket to `path` and listens on it. */
-export function listenUnix(path: string, backlog: number): UnixSocket {
+/** Who may connect to a socket file (connecting needs write permission on it). */
+export interface SocketFileAccess {
+  /** Permission bits, e.g. `0o660`. Default: what the umask leaves of 0777, as `bind` makes it. */
+  mode?: number;
+  /** Group to own the file. Default: the process's. */
+  gid?: number;
+}
+
+/** The process umask. Set to 0777 for an instant: any file created meanwhile comes out narrower. */
+function currentUmask(): number {
+  const mask = libc.umask(0o777);
+  libc.umask(mask);
+  return mask;
+}
+
+/**
+ * Binds a new nonblocking socket to `path` and listens on it. With `access`,
+ * the file is never more open than asked: it is created with at most the
+ * owner's share of the mode while its group is still the process's, then
+ * given its group and full mode, and only then does the socket listen
+ * (before `listen`, a connect is refused whatever the file's mode).
+ */
+export function listenUnix(
+  path: string,
+  backlog: number,
+  access: SocketFileAccess = {},
+): UnixSocket {
+  const { mode, gid } = access;
+  const restricted = mode !== undefined || gid !== undefined;
+  // A mode that opens the file to a group must not briefly apply to the old group.
+  const bindMode = gid === undefined ? mode : (mode ?? 0o777) & 0o700;
   return boundSocket(SOCK_STREAM, path, (fd) => {
+    if (restricted) setGroupAndMode(path, gid, mode ?? (0o777 & ~currentUmask()));
     if (libc.listen(fd, backlog) < 0) throw new OsError("listen", errno(), path);
-  });
+  }, bindMode);
+}
+
+/**
+ * Sets the group, then the permission bits, of the file at `path` itself:
+ * neither call follows a symlink that may have replaced our file.
+ */
+function setGroupAndMode(path: string, gid: number | undefined, mode: number): void {
+  const name = cString(path);
+  // (uid_t)-1 leaves the owner as it is.
+  if (gid !== undefined && libc.lchown(name, 0xffffffff, gid) < 0) {
+    throw new OsError("chown", errno(), path);
+  }
+  if (libc.fchmodat(AT_FDCWD, name, mode, AT_SYMLINK_NOFOLLOW) < 0) {
+    throw new OsError("chmod", errno(), path);
+  }
 }
 
 /** Binds a new nonblocking datagram socket to `path`, to receive with {@link receiveDatagram}. */

@@ -2,6 +2,8 @@
  * The broker as a daemon, with real `deno run mod.ts broker` processes:
  * `--pidfile`, `--daemon`, `--log-file` with SIGHUP, `--socket-mode` and
  * `--socket-group`, and a graceful shutdown that leaves nothing behind.
+ * Then the same files under attack by another local user (`nobody`, through
+ * setpriv) in a directory shared like `/tmp`.
  */
 
 import assert from "node:assert/strict";
@@ -17,6 +19,15 @@ import {
   WAIT_MS,
   withScope,
 } from "./processes.ts";
+import {
+  assertUntouched,
+  asUser,
+  NOBODY,
+  otherUsersMissing,
+  rootOnlyFile,
+  runAs,
+  sharedDirectory,
+} from "./other_users.ts";
 
 /** `--daemon` starts the command again, which needs --allow-run. */
 const DAEMON_COMMAND = [Deno.execPath(), "run", ...PERMISSIONS, "--allow-run", MOD];
@@ -73,7 +84,7 @@ Deno.test("daemon: a live broker's pidfile is refused to a second broker", async
     assert.equal(second.code, 1, `second broker exit code; stderr:\n${second.stderr}`);
     assert.match(
       second.stderr,
-      new RegExp(`pidfile ${pidfile} is held by process ${first.pid}, which is running`),
+      new RegExp(`pidfile ${pidfile} is held by running process ${first.pid}`),
     );
     assert.ok(!exists(other), "a refused broker must not bind its socket");
     assert.equal(Deno.readTextFileSync(pidfile), `${first.pid}\n`);
@@ -179,5 +190,263 @@ Deno.test("daemon: SIGHUP reopens --log-file, so rotation starts a new file", as
     assert.match(read(log), /stopped listening on/);
     assert.doesNotMatch(read(`${log}.1`), /reopened|stopped listening/);
     assert.equal(broker.stderr, "", "with --log-file nothing goes to stderr");
+  });
+});
+
+/** The attacks below need a second uid; without root they cannot run. */
+const attack = { ignore: otherUsersMissing !== undefined };
+if (attack.ignore) console.warn(`daemon_test: attack tests ignored (${otherUsersMissing})`);
+
+/** The next pid the kernel will hand out (in this pid namespace). */
+function nextPid(): number {
+  return Number(Deno.readTextFileSync("/proc/sys/kernel/ns_last_pid")) + 1;
+}
+
+Deno.test({
+  name: "attack: symlinks planted where a pidfile's temporary file could go are never followed",
+  ...attack,
+  fn: () =>
+    withScope(async (scope) => {
+      const shared = sharedDirectory(scope.dir);
+      const victim = rootOnlyFile(`${scope.dir}/victim`, "root's secret\n");
+      const pidfile = `${shared}/broker.pid`;
+      // A pidfile written through `.broker.pid.<pid>.tmp` beside it: pids come in order, so
+      // the attacker plants that name for every pid the broker may get.
+      const first = nextPid();
+      const last = first + 500;
+      await runAs(
+        NOBODY,
+        "perl",
+        "-e",
+        'symlink($ARGV[0], "$ARGV[1]/.broker.pid.$_.tmp") or die $! for $ARGV[2] .. $ARGV[3]',
+        victim,
+        shared,
+        String(first),
+        String(last),
+      );
+      const broker = await startBroker(scope, ["--socket", scope.socket, "--pidfile", pidfile]);
+      assert.ok(broker.pid >= first && broker.pid <= last, `pid ${broker.pid} was not foreseen`);
+      assert.equal(Deno.readTextFileSync(pidfile), `${broker.pid}\n`);
+      assertUntouched(victim, "root's secret\n");
+      await stopGracefully(broker, pidfile, scope.socket);
+      assertUntouched(victim, "root's secret\n");
+    }),
+});
+
+Deno.test({
+  name: "attack: a FIFO planted at the pidfile path is refused at once, --daemon says why",
+  ...attack,
+  fn: () =>
+    withScope(async (scope) => {
+      const shared = sharedDirectory(scope.dir);
+      const pidfile = `${shared}/broker.pid`;
+      await runAs(NOBODY, "mkfifo", pidfile);
+      const parent = scope.spawn(
+        ["broker", "--daemon", "--socket", scope.socket, "--pidfile", pidfile],
+        { command: DAEMON_COMMAND },
+      );
+      const done = await parent.finish();
+      assert.equal(done.code, 1, `--daemon exit code; stderr:\n${done.stderr}`);
+      assert.equal(
+        done.stderr,
+        `one-socket broker: ${pidfile} is a FIFO, not a regular file; refusing it\n`,
+      );
+      assert.ok(!exists(scope.socket), "a refused broker must not bind its socket");
+    }),
+});
+
+Deno.test({
+  name: "attack: --log-file refuses a symlink planted at its path, and a file another user made",
+  ...attack,
+  fn: () =>
+    withScope(async (scope) => {
+      const shared = sharedDirectory(scope.dir);
+      const victim = rootOnlyFile(`${scope.dir}/victim`, "root's secret\n");
+      const linked = `${shared}/linked.log`;
+      await runAs(NOBODY, "ln", "-s", victim, linked);
+      const followed = await scope.spawn(["broker", "--socket", scope.socket, "--log-file", linked])
+        .finish();
+      assert.equal(followed.code, 1, `exit code; stderr:\n${followed.stderr}`);
+      assert.equal(
+        followed.stderr,
+        `one-socket broker: open ${linked}: ELOOP (a symlink; refusing to follow it)\n`,
+      );
+      assertUntouched(victim, "root's secret\n");
+      // Made by the attacker, readable by the attacker: the log would tell them every key.
+      const theirs = `${shared}/theirs.log`;
+      await runAs(NOBODY, "sh", "-c", 'umask 022 && : > "$1"', "sh", theirs);
+      const adopted = await scope.spawn(["broker", "--socket", scope.socket, "--log-file", theirs])
+        .finish();
+      assert.equal(adopted.code, 1, `exit code; stderr:\n${adopted.stderr}`);
+      assert.equal(
+        adopted.stderr,
+        `one-socket broker: ${theirs} belongs to uid ${NOBODY}, not to uid 0 (this process) ` +
+          "or root; refusing it\n",
+      );
+      assert.equal(Deno.readTextFileSync(theirs), "", "the log went to the attacker's file");
+      assert.ok(!exists(scope.socket), "a refused broker must not bind its socket");
+    }),
+});
+
+Deno.test({
+  name: "attack: SIGHUP refuses a symlink planted after rotation and keeps the old log file",
+  ...attack,
+  fn: () =>
+    withScope(async (scope) => {
+      const shared = sharedDirectory(scope.dir);
+      const victim = rootOnlyFile(`${scope.dir}/victim`, "root's secret\n");
+      const log = `${shared}/broker.log`;
+      const broker = await startBroker(scope, ["--socket", scope.socket, "--log-file", log]);
+      const read = (path: string) => exists(path) ? Deno.readTextFileSync(path) : "";
+      await broker.waitUntil("the first lines in the log file", () =>
+        read(log).includes("listening on"));
+      assert.equal(Deno.statSync(log).mode! & 0o777, 0o640, "mode of the new log file");
+      Deno.renameSync(log, `${log}.1`);
+      await runAs(NOBODY, "ln", "-s", victim, log);
+      broker.kill("SIGHUP");
+      await broker.waitUntil(
+        "the refused reopen in the old log file",
+        () =>
+          read(`${log}.1`).includes("could not reopen"),
+      );
+      assert.match(
+        read(`${log}.1`),
+        /open .*broker\.log: ELOOP \(a symlink; refusing to follow it\)/,
+      );
+      await stopGracefully(broker, scope.socket);
+      assert.match(read(`${log}.1`), /stopped listening on/);
+      assertUntouched(victim, "root's secret\n");
+    }),
+});
+
+/**
+ * Connects to `path` again and again, from before it exists until 20000
+ * attempts after it appeared, and prints `connected refused denied`. A
+ * socket whose connect failed may try again: one system call per attempt,
+ * the fastest a user can probe.
+ */
+const CONNECT_LOOP = `
+use Socket;
+my ($path) = @ARGV; my $address = pack_sockaddr_un($path);
+my ($connected, $refused, $denied, $after) = (0, 0, 0, 0);
+alarm 60;
+socket(my $s, AF_UNIX, SOCK_STREAM, 0) or die "socket: $!";
+while ($after < 20000) {
+  if (connect($s, $address)) {
+    $connected++; close $s; socket($s, AF_UNIX, SOCK_STREAM, 0) or die "socket: $!";
+  }
+  elsif ($!{ECONNREFUSED}) { $refused++; }
+  elsif ($!{EACCES}) { $denied++; }
+  elsif (!$!{ENOENT}) { die "connect: $!"; }
+  $after++ if $connected + $refused + $denied;
+}
+print "$connected $refused $denied\n";
+`;
+
+/**
+ * Starts a broker with `flags` (and umask 000, so that bind would create the
+ * file 0777 and only the broker's own care protects it) while `nobody`
+ * tries to connect from before the socket exists to well after; asserts
+ * that it never could, and that the file ends with `mode` and `gid`.
+ */
+async function assertNobodyConnects(flags: string[], mode: number, gid: number): Promise<void> {
+  await withScope(async (scope) => {
+    const shared = sharedDirectory(scope.dir);
+    const socket = `${shared}/broker.socket`;
+    const [program, ...args] = asUser(NOBODY, "perl", "-e", CONNECT_LOOP, socket);
+    const attacker = new Deno.Command(program, { args, stdout: "piped" }).spawn();
+    try {
+      const umaskZero = ["sh", "-c", 'umask 000 && exec "$@"', "sh", ...DAEMON_COMMAND];
+      const broker = await startBroker(scope, ["--socket", socket, ...flags], {
+        path: socket,
+        command: umaskZero,
+      });
+      const [connected, refused, denied] = new TextDecoder()
+        .decode((await attacker.output()).stdout).trim().split(" ").map(Number);
+      assert.ok(refused + denied > 0, "the attacker never met the socket");
+      assert.equal(
+        connected,
+        0,
+        `connected ${connected} times (${refused} refused, ${denied} denied)`,
+      );
+      const info = Deno.statSync(socket);
+      assert.equal(info.mode! & 0o777, mode);
+      assert.equal(info.gid, gid);
+      await pairThrough(socket, "still serves");
+      await stopGracefully(broker, socket);
+    } finally {
+      try {
+        attacker.kill("SIGKILL");
+      } catch {
+        // it has finished
+      }
+      await attacker.status;
+    }
+  });
+}
+
+Deno.test({
+  name: "attack: --socket-mode holds from the socket's first instant, even under umask 000",
+  ...attack,
+  fn: () => assertNobodyConnects(["--socket-mode", "0600"], 0o600, 0),
+});
+
+Deno.test({
+  name: "attack: with --socket-group, nobody outside the group connects while it is set",
+  ...attack,
+  fn: () => assertNobodyConnects(["--socket-mode", "0660", "--socket-group", "4242"], 0o660, 4242),
+});
+
+Deno.test("daemon: a restart straight after kill -9 takes over, though the killed pid lingers", async () => {
+  await withScope(async (scope) => {
+    const pidfile = `${scope.dir}/broker.pid`;
+    const args = ["--socket", scope.socket, "--pidfile", pidfile];
+    // A parent that never reaps: the killed broker stays a zombie, which kill(pid, 0) finds.
+    const neverReaps = ["sh", "-c", '"$@" & exec sleep 60', "sh", ...DAEMON_COMMAND];
+    const first = scope.spawn(["broker", ...args], { command: neverReaps });
+    await first.waitForOutput("listening on");
+    const killed = Number(Deno.readTextFileSync(pidfile));
+    Deno.kill(killed, "SIGKILL");
+    await waitFor("the killed broker to be a zombie", () => processStat(killed)?.[0] === "Z");
+    const second = scope.spawn(["broker", ...args]);
+    await second.waitForOutput("listening on");
+    assert.equal(Deno.readTextFileSync(pidfile), `${second.pid}\n`);
+    assert.match(second.output, new RegExp(`replacing stale pidfile .*process ${killed}`));
+    await pairThrough(scope.socket, "after kill -9");
+    await stopGracefully(second, pidfile, scope.socket);
+  });
+});
+
+/** The pid of a child of `parent`, once it has one; undefined until then. */
+function childOf(parent: number): number | undefined {
+  for (const entry of Deno.readDirSync("/proc")) {
+    if (/^\d+$/.test(entry.name) && processStat(Number(entry.name))?.[1] === String(parent)) {
+      return Number(entry.name);
+    }
+  }
+  return undefined;
+}
+
+Deno.test("daemon: --daemon gives up after --ready-timeout on a broker that never serves", async () => {
+  await withScope(async (scope) => {
+    const parent = scope.spawn(
+      ["broker", "--daemon", "--ready-timeout", "1", "--socket", scope.socket],
+      { command: DAEMON_COMMAND },
+    );
+    // Stopped long before it could serve (it has a runtime to start), it never will.
+    let child: number | undefined;
+    await parent.waitUntil("the broker process", () => (child = childOf(parent.pid)) !== undefined);
+    Deno.kill(child!, "SIGSTOP");
+    const started = performance.now();
+    const done = await parent.finish();
+    assert.ok(performance.now() - started < 5000, "gave up in about a second");
+    assert.equal(done.code, 1, `--daemon exit code; stderr:\n${done.stderr}`);
+    assert.equal(
+      done.stderr,
+      `one-socket broker: the broker (pid ${child}) did not report ready (READY=1) within 1 s; ` +
+        "stopped it with SIGKILL\n",
+    );
+    await waitFor("the end of the stuck broker", () => processGone(child!));
+    assert.ok(!exists(scope.socket), "the stuck broker must not have bound its socket");
   });
 });

@@ -1,8 +1,8 @@
-/** `--socket-mode` and `--socket-group` parsing, and their application to a socket file. */
+/** `--socket-mode` and `--socket-group` parsing, and the socket file they make. */
 
 import assert from "node:assert/strict";
 import {
-  applySocketAccess,
+  checkSocketAccess,
   findGroupId,
   parseSocketMode,
   resolveGroup,
@@ -33,25 +33,38 @@ Deno.test("socket access: group names come from /etc/group, numbers are gids", (
   );
 });
 
-Deno.test("socket access: applied to a socket file; an abstract socket has none", async () => {
+Deno.test("socket access: the socket file gets exactly the mode and group asked, whatever the umask", async () => {
   const dir = await Deno.makeTempDir({ prefix: "one-socket-access-" });
+  // Narrower than any mode asked below: the broker must widen what bind made, before listening.
+  const umask = Deno.umask(0o077);
   try {
-    const path = `${dir}/broker.socket`;
-    using _listener = listenUnix(path, 1);
-    applySocketAccess(path, { mode: 0o600, gid: Deno.gid() ?? 0 });
-    const info = Deno.statSync(path);
-    assert.equal(info.mode! & 0o777, 0o600);
-    assert.equal(info.gid, Deno.gid());
-    applySocketAccess("@abstract", {});
-    assert.throws(
-      () => applySocketAccess("@abstract", { mode: 0o660 }),
-      /need a socket file; @abstract is abstract/,
-    );
-    assert.throws(
-      () => applySocketAccess(`${dir}/gone.socket`, { mode: 0o660 }),
-      { message: `chmod ${dir}/gone.socket: ENOENT (no such file or directory)` },
-    );
+    const gid = Deno.uid() === 0 ? 4242 : Deno.gid()!;
+    const cases = [
+      { access: { mode: 0o660 }, mode: 0o660, gid: Deno.gid() },
+      { access: { mode: 0o660, gid }, mode: 0o660, gid },
+      { access: { gid }, mode: 0o700, gid },
+      { access: {}, mode: 0o700, gid: Deno.gid() },
+    ];
+    for (const [index, expected] of cases.entries()) {
+      const path = `${dir}/${index}.socket`;
+      using _listener = listenUnix(path, 1, expected.access);
+      const info = Deno.statSync(path);
+      const what = JSON.stringify(expected.access);
+      assert.equal((info.mode! & 0o777).toString(8), expected.mode.toString(8), `mode for ${what}`);
+      assert.equal(info.gid, expected.gid, `group for ${what}`);
+    }
   } finally {
+    Deno.umask(umask);
     await Deno.remove(dir, { recursive: true });
   }
+  assert.equal(Deno.umask(), umask, "the umask is restored");
+});
+
+Deno.test("socket access: an abstract socket has no file to apply it to", () => {
+  checkSocketAccess("@abstract", {});
+  checkSocketAccess("/run/one.socket", { mode: 0o660 });
+  assert.throws(
+    () => checkSocketAccess("@abstract", { mode: 0o660 }),
+    /need a socket file; @abstract is abstract/,
+  );
 });
