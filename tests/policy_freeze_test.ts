@@ -37,12 +37,10 @@ Deno.test("broker --policy: hostile keys against a glob do not stall anyone else
         getPair("honest-1", { socket: scope.socket, signal }),
         getPair("honest-1", { socket: scope.socket, signal }),
       ]).catch((error) => {
-        throw new Error(
-          `no honest pairing within ${
-            5 * HONEST_PAIRING_MS
-          } ms while the broker matched hostile keys`,
-          { cause: error },
-        );
+        const after = (performance.now() - start).toFixed(1);
+        throw new Error(`no honest pairing: ${error} after ${after} ms\n${broker.output}`, {
+          cause: error,
+        });
       });
       const elapsed = performance.now() - start;
       pair.forEach((socket) => socket.close());
