@@ -39,7 +39,7 @@ const FILE_TYPES: Record<number, string> = {
 const S_IFREG = 0o100000;
 
 /** What the file type bits of `st_mode` say, as a phrase: "a FIFO", "a regular file"… */
-export function fileType(mode: number): string {
+function fileType(mode: number): string {
   return FILE_TYPES[mode & S_IFMT] ?? `a file of type ${(mode & S_IFMT).toString(8)}`;
 }
 
@@ -85,7 +85,7 @@ export interface OpenOptions {
 
 /**
  * An open file and its single owner: closed exactly once, by {@link close}
- * or `using`, unless {@link detach} handed the descriptor on.
+ * or `using`.
  */
 export class OwnFile implements Disposable {
   /** The path it was opened by (it may have been renamed since). */
@@ -98,7 +98,7 @@ export class OwnFile implements Disposable {
     this.path = path;
   }
 
-  /** The descriptor number; -1 once closed or detached. */
+  /** The descriptor number; -1 once closed. */
   get fd(): number {
     return this.#fd;
   }
@@ -166,13 +166,6 @@ export class OwnFile implements Disposable {
       if (count < 0) throw new OsError("write", errno(), this.path);
       written += count;
     }
-  }
-
-  /** Gives up ownership: the caller now closes the returned descriptor. */
-  detach(): number {
-    const fd = this.#requireOpen();
-    this.#fd = -1;
-    return fd;
   }
 
   /** Closes the descriptor (releasing a lock it holds); further calls do nothing. */
