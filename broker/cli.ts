@@ -26,6 +26,7 @@ import { getFileSink } from "./log_file.ts";
 import { ServiceNotifier } from "./notify.ts";
 import { ReloadingPolicy } from "./policy.ts";
 import { PidFile } from "./pidfile.ts";
+import { handleBrokerSignals } from "./signals.ts";
 import { checkSocketAccess, parseSocketMode, resolveGroup } from "./socket_access.ts";
 import { takeListener } from "./systemd.ts";
 
@@ -33,9 +34,10 @@ import { takeListener } from "./systemd.ts";
 export const BROKER_USAGE =
   `Usage: one-socket broker [--socket PATH] [--control PATH] [--log-level LEVEL] [--log-format text|json]
 
-Serves SocketPair requests on a Unix socket until SIGINT or SIGTERM. Under
-systemd it serves the socket passed by socket activation (LISTEN_FDS) and
-reports to NOTIFY_SOCKET (ready, status, watchdog, stopping).
+Serves SocketPair requests on a Unix socket until SIGINT, SIGTERM or SIGQUIT
+(also SIGXCPU, SIGPWR); SIGUSR1 logs its status. Under systemd it serves the
+socket passed by socket activation (LISTEN_FDS) and reports to NOTIFY_SOCKET
+(ready, status, watchdog, stopping).
 
 Options:
   --socket PATH        socket to listen on; default $ONE_SOCKET_PATH, else
@@ -123,28 +125,6 @@ function serviceStatus(broker: Broker): string {
   return `serving ${broker.path}: ${waiting} waiting, ${paired} paired since start`;
 }
 
-/** Resolves on the first SIGINT or SIGTERM. */
-function shutdownSignal(): Promise<Deno.Signal> {
-  return new Promise((resolve) => {
-    const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
-    const handlers = signals.map((signal) => () => {
-      signals.forEach((s, i) => Deno.removeSignalListener(s, handlers[i]));
-      resolve(signal);
-    });
-    signals.forEach((s, i) => Deno.addSignalListener(s, handlers[i]));
-  });
-}
-
-/**
- * SIGHUP's default action ends the process. Reloading on it is opt-in
- * (--policy, --log-file add their own listeners); surviving it is not.
- */
-function surviveHangup(): Disposable {
-  const onHangup = () => logger.info("SIGHUP received");
-  Deno.addSignalListener("SIGHUP", onHangup);
-  return { [Symbol.dispose]: () => Deno.removeSignalListener("SIGHUP", onHangup) };
-}
-
 /** Runs `one-socket broker` with `args`; resolves to the exit code once shut down. */
 export function runBroker(args: string[]): Promise<number> {
   return runCommand("broker", BROKER_USAGE, async () => {
@@ -207,8 +187,8 @@ export function runBroker(args: string[]): Promise<number> {
       const limit = raiseDescriptorLimit();
       // Listening for signals from the start: a stop while starting, or right after
       // READY=1, still ends in a graceful shutdown.
-      const stop = shutdownSignal();
-      using _hangup = surviveHangup();
+      let status = () => "starting";
+      using signals = handleBrokerSignals(() => status());
       using _pidfile = values.pidfile === undefined
         ? undefined
         : await PidFile.create(values.pidfile);
@@ -245,8 +225,9 @@ export function runBroker(args: string[]): Promise<number> {
         const control = values.control === undefined
           ? undefined
           : await serveControl(broker, values.control);
-        notifier.ready(() => serviceStatus(broker));
-        await stop;
+        status = () => serviceStatus(broker);
+        notifier.ready(status);
+        await signals.stop;
         notifier.stopping();
         await control?.close();
       } finally {

@@ -163,26 +163,6 @@ Deno.test("cli: broker and pair use ONE_SOCKET_PATH when --socket is absent", as
   });
 });
 
-// --- 3. signals --------------------------------------------------------------------------------
-
-for (const signal of ["SIGTERM", "SIGINT"] as const) {
-  Deno.test(`cli: broker stops on ${signal} with exit 0 and removes its socket`, async () => {
-    await withScope(async (scope) => {
-      const broker = await startBroker(scope, ["--socket", scope.socket, "--log-level", "debug"]);
-      // A client left waiting is told, not left hanging: the broker closes it.
-      const waiting = scope.spawn(["pair", "lonely", "--socket", scope.socket], { stdin: true });
-      await broker.waitForOutput("waits on key");
-      await stopBroker(broker, scope.socket, signal);
-      assert.match(broker.output, /stopped listening on .*; closed 1 client connection/);
-      const left = await waiting.finish();
-      assert.notEqual(left.code, 0);
-      assert.equal(lines(left.stderr).length, 1, `one line expected:\n${left.stderr}`);
-      assert.match(left.stderr, /closed the connection/);
-      assert.ok(left.stderr.includes(scope.socket), left.stderr);
-    });
-  });
-}
-
 // --- 4. a second broker on the same path ---------------------------------------------------------
 
 Deno.test("cli: a second broker on a live socket exits 1; the first keeps serving", async () => {
