@@ -169,6 +169,39 @@ const CONNECT_HINTS: Record<string, string> = {
   EACCES: "no permission to use the broker socket",
 };
 
+/** The kinds of file that are not sockets, as {@link Deno.FileInfo} tells them. */
+const FILE_KINDS: [flag: keyof Deno.FileInfo, name: string][] = [
+  ["isFile", "a regular file"],
+  ["isDirectory", "a directory"],
+  ["isFifo", "a FIFO"],
+  ["isCharDevice", "a character device"],
+  ["isBlockDevice", "a block device"],
+];
+
+/**
+ * What stands at `path` when it is not a socket (connect follows symlinks,
+ * so this does too); undefined for a socket, an abstract name, or a path we
+ * may not stat (wording an error is not worth a permission prompt).
+ */
+function notASocket(path: string): string | undefined {
+  if (path.startsWith("@")) return undefined;
+  if (Deno.permissions.querySync({ name: "read", path }).state !== "granted") return undefined;
+  let info: Deno.FileInfo;
+  try {
+    info = Deno.statSync(path);
+  } catch {
+    return undefined;
+  }
+  if (info.isSocket) return undefined;
+  const kind = FILE_KINDS.find(([flag]) => info[flag] === true)?.[1] ?? "some other file";
+  return `${path} is ${kind}, not a socket`;
+}
+
+/** The hint for a failed connect: what is at `path` instead of a broker. */
+function connectHint(code: string, path: string): string | undefined {
+  return (code === "ECONNREFUSED" ? notASocket(path) : undefined) ?? CONNECT_HINTS[code];
+}
+
 /**
  * Connects to the broker at `path` (default: `$ONE_SOCKET_PATH`, else
  * {@link defaultSocketPath}).
@@ -189,10 +222,9 @@ export async function connectBroker(
   try {
     return new BrokerConnection(resolved, await connectUnix(resolved, signal));
   } catch (error) {
-    if (error instanceof OsError && error.code in CONNECT_HINTS) {
-      throw new OsError("connect", error.errno, resolved, CONNECT_HINTS[error.code]);
-    }
-    throw error;
+    if (!(error instanceof OsError)) throw error;
+    const hint = connectHint(error.code, resolved);
+    throw hint === undefined ? error : new OsError("connect", error.errno, resolved, hint);
   }
 }
 

@@ -236,6 +236,23 @@ Deno.test("cli: broker refuses a regular file or a directory at its path", async
   });
 });
 
+Deno.test("cli: pair pointed at a regular file or a directory says what is there", () =>
+  withScope(async (scope) => {
+    const file = `${scope.dir}/not-a-socket`;
+    await Deno.writeTextFile(file, "precious data\n");
+    const cases = [[file, "a regular file"], [scope.dir, "a directory"]];
+    const results = await Promise.all(
+      cases.map(([path]) => scope.spawn(["pair", "k", "--socket", path]).finish()),
+    );
+    cases.forEach(([path, kind], i) => {
+      assert.equal(results[i].code, 1, `pair on ${path}; stderr:\n${results[i].stderr}`);
+      assert.equal(
+        results[i].stderr,
+        `one-socket pair: connect ${path}: ECONNREFUSED (${path} is ${kind}, not a socket)\n`,
+      );
+    });
+  }));
+
 // --- 7. no broker ------------------------------------------------------------------------------
 
 Deno.test("cli: pair without a broker fails with one line naming ENOENT and the path", async () => {

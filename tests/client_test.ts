@@ -182,6 +182,40 @@ Deno.test("a socket file without a broker is reported as ECONNREFUSED", async ()
   }
 });
 
+Deno.test("a regular file, a directory or a FIFO at the path is named, not taken for a broker", async () => {
+  const socket = await temporarySocketPath();
+  try {
+    const directory = socket.path.slice(0, socket.path.lastIndexOf("/"));
+    const file = `${directory}/file`;
+    await Deno.writeTextFile(file, "not a socket\n");
+    const fifo = `${directory}/fifo`;
+    const made = await new Deno.Command("mkfifo", { args: [fifo] }).output();
+    assert.ok(made.success, "mkfifo");
+    // connect follows a symlink; so does the description.
+    const link = `${directory}/link`;
+    await Deno.symlink(file, link);
+    const cases = [
+      [file, "a regular file"],
+      [directory, "a directory"],
+      [fifo, "a FIFO"],
+      [link, "a regular file"],
+    ];
+    for (const [path, kind] of cases) {
+      await assert.rejects(getPair("k", { socket: path }), (error) => {
+        assert.ok(error instanceof OsError);
+        assert.equal(error.code, "ECONNREFUSED");
+        assert.equal(
+          error.message,
+          `connect ${path}: ECONNREFUSED (${path} is ${kind}, not a socket)`,
+        );
+        return true;
+      });
+    }
+  } finally {
+    await socket.remove();
+  }
+});
+
 Deno.test("an invalid key fails before anything is sent", async () => {
   await assert.rejects(getPair("", { socket: "/nonexistent/broker.socket" }), RangeError);
   await assert.rejects(getPair(new Uint8Array(1025), { socket: "/nonexistent" }), RangeError);
