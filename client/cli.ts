@@ -22,6 +22,7 @@ export const EXIT_NO_PEER = 3;
 export const PAIR_USAGE =
   `Usage: one-socket pair KEY [--mode none|client|server] [--socket PATH] [--timeout SECONDS]
        one-socket pair KEY [OPTIONS] --exec [--stdio] -- PROGRAM [ARGS...]
+       one-socket pair --key KEY [OPTIONS]   (for a KEY that starts with "-": --key=-k)
 
 Waits for the peer that asks for KEY in a compatible mode (none pairs with
 none, client with server), then copies standard input to the peer and the
@@ -34,6 +35,7 @@ ONE_SOCKET_FD and ONE_SOCKET_KEY tell it the descriptor and the key. SIGINT
 and SIGTERM are passed on to it, and its exit status becomes ours.
 
 Options:
+  --key KEY          the key, instead of the KEY argument
   --mode MODE        none (default), client or server
   --socket PATH      broker socket (default: $ONE_SOCKET_PATH, else the default path)
   --timeout SECONDS  give up if no peer came within SECONDS
@@ -52,21 +54,23 @@ export function runPair(args: string[]): Promise<number> {
     const end = args.indexOf("--");
     const command = end < 0 ? undefined : args.slice(end + 1);
     const { values, positionals } = parseCommandLine(end < 0 ? args : args.slice(0, end), {
+      key: { type: "string" },
       mode: { type: "string", default: "none" },
       socket: { type: "string" },
       timeout: { type: "string" },
       exec: { type: "boolean", default: false },
       stdio: { type: "boolean", default: false },
       help: { type: "boolean", short: "h" },
-    });
+    }, (argument) => `a KEY that starts with "-" goes as --key=${argument}`);
     if (values.help) {
       console.log(PAIR_USAGE);
       return 0;
     }
-    if (positionals.length !== 1) {
-      throw new UsageError(positionals.length === 0 ? "missing KEY" : "expected one KEY");
+    const keys = values.key === undefined ? positionals : [values.key, ...positionals];
+    if (keys.length !== 1) {
+      throw new UsageError(keys.length === 0 ? "missing KEY" : "expected one KEY");
     }
-    const key = positionals[0];
+    const key = keys[0];
     if (values.exec && !command?.length) throw new UsageError("--exec needs a PROGRAM after --");
     if (!values.exec && command !== undefined) {
       throw new UsageError("a PROGRAM after -- needs --exec");

@@ -40,15 +40,55 @@ export class UsageError extends Error {
   }
 }
 
-/** `parseArgs` in strict mode, its errors turned into {@link UsageError}. */
+/** How `parseArgs` names an unknown option. */
+const UNKNOWN_OPTION = /^Unknown option '([^']+)'/;
+/** How `parseArgs` refuses `--key -k`, over three lines and with `-XYZ` for the value. */
+const AMBIGUOUS_VALUE = /^Option '(-[^' ]+)' argument is ambiguous/;
+
+/** The argument in `args` that `parseArgs` reported as the unknown `option`. */
+function unknownArgument(args: string[], option: string): string {
+  // "-kx" is reported as "-k" (short options are read one letter at a time); "--kk=v" as "--kk".
+  return args.find((arg) =>
+    arg === option || arg.startsWith(`${option}=`) ||
+    (!option.startsWith("--") && !arg.startsWith("--") && arg.startsWith(option))
+  ) ?? option;
+}
+
+/**
+ * `parseArgs` in strict mode, its errors turned into {@link UsageError}.
+ *
+ * For an unknown option, `parseArgs` advises `-- "-k"`, which is wrong here:
+ * our `--` introduces PROGRAM for `pair --exec`. `dashHint` gives the advice
+ * that holds instead, for the argument as typed (say, use `--key=-k`).
+ *
+ * @example
+ * ```ts
+ * import { parseCommandLine } from "./command_line.ts";
+ * const { values, positionals } = parseCommandLine(["k", "--mode", "server"], {
+ *   mode: { type: "string" },
+ * });
+ * console.log(values.mode, positionals); // server [ "k" ]
+ * ```
+ */
 export function parseCommandLine<T extends ParseArgsConfig["options"]>(
   args: string[],
   options: T,
+  dashHint?: (argument: string) => string,
 ): ReturnType<typeof parseArgs<{ args: string[]; options: T; allowPositionals: true }>> {
   try {
     return parseArgs({ args, options, allowPositionals: true, strict: true });
   } catch (error) {
-    throw new UsageError(error instanceof Error ? error.message : String(error));
+    const message = error instanceof Error ? error.message : String(error);
+    const ambiguous = AMBIGUOUS_VALUE.exec(message);
+    if (ambiguous !== null) {
+      const value = args[args.indexOf(ambiguous[1]) + 1];
+      throw new UsageError(`${ambiguous[1]} ${value} is ambiguous; write ${ambiguous[1]}=${value}`);
+    }
+    const unknown = UNKNOWN_OPTION.exec(message);
+    if (unknown === null) throw new UsageError(message);
+    const argument = unknownArgument(args, unknown[1]);
+    const hint = dashHint === undefined ? "" : ` (${dashHint(argument)})`;
+    throw new UsageError(`unknown option ${argument}${hint}`);
   }
 }
 

@@ -143,6 +143,23 @@ Deno.test("cli: pair carries 1 MiB and 300 KiB in opposite directions at once", 
   });
 });
 
+Deno.test("cli: pair takes the key as --key, also one that starts with a dash", () =>
+  withScope(async (scope) => {
+    const broker = await startBroker(scope);
+    await exchange(
+      scope,
+      { args: ["--key=-k", "--socket", scope.socket], data: encoder.encode("dash A\n") },
+      { args: ["--key=-k", "--socket", scope.socket], data: encoder.encode("dash B\n") },
+    );
+    // The same key, however it is given.
+    await exchange(
+      scope,
+      { args: ["--key", "plain", "--socket", scope.socket], data: encoder.encode("flag\n") },
+      { args: ["plain", "--socket", scope.socket], data: encoder.encode("positional\n") },
+    );
+    await stopBroker(broker, scope.socket, "SIGTERM");
+  }));
+
 // --- 2. ONE_SOCKET_PATH ------------------------------------------------------------------------
 
 Deno.test("cli: broker and pair use ONE_SOCKET_PATH when --socket is absent", async () => {
@@ -296,6 +313,18 @@ Deno.test("cli: usage errors exit 2 with a usage message", async () => {
         /sideways/,
       ],
       [["pair", "k", "--mode"], "Usage: one-socket pair", /mode/],
+      // Our "--" introduces PROGRAM: parseArgs' advice (-- "-k") would be wrong.
+      [
+        ["pair", "-k", "--socket", socket],
+        "Usage: one-socket pair",
+        /^one-socket pair: unknown option -k \(a KEY that starts with "-" goes as --key=-k\)$/m,
+      ],
+      [
+        ["pair", "--key", "-k", "--socket", socket],
+        "Usage: one-socket pair",
+        /^one-socket pair: --key -k is ambiguous; write --key=-k$/m,
+      ],
+      [["pair", "a", "--key", "b", "--socket", socket], "Usage: one-socket pair", /one KEY/],
     ];
     const results = await Promise.all(cases.map(([args]) => scope.spawn(args).finish()));
     cases.forEach(([args, usage, reason], i) => {
@@ -304,6 +333,7 @@ Deno.test("cli: usage errors exit 2 with a usage message", async () => {
       assert.equal(done.code, 2, `${name}: exit code; stderr:\n${done.stderr}`);
       assert.ok(done.stderr.includes(usage), `${name}: no "${usage}" in stderr:\n${done.stderr}`);
       if (reason) assert.match(done.stderr, reason, `${name}: stderr`);
+      assert.ok(!done.stderr.includes('-- "'), `${name}: parseArgs' advice:\n${done.stderr}`);
       assert.equal(done.stdout.length, 0, `${name}: stdout`);
     });
     assert.ok(!exists(socket), "a usage error must not start a broker");
