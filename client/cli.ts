@@ -12,7 +12,7 @@ import { resolveSocketPath } from "./socket_path.ts";
 import { describeKey, keyBytes, parseMode } from "./protocol.ts";
 import { Errno, OsError } from "../ffi/errors.ts";
 
-/** Write errors that mean the peer has closed its socket, not that something broke. */
+/** Write errors that mean the peer has closed its socket before reading all we sent. */
 const PEER_GONE = new Set(["EPIPE", "ECONNRESET"]);
 
 /** Exit code when no peer came within `--timeout`. */
@@ -26,7 +26,8 @@ export const PAIR_USAGE =
 
 Waits for the peer that asks for KEY in a compatible mode (none pairs with
 none, client with server), then copies standard input to the peer and the
-peer's bytes to standard output. Exits 0 once both directions have ended.
+peer's bytes to standard output. Exits 0 once both directions have ended,
+1 if the peer closed before reading all of standard input.
 
 With --exec, runs PROGRAM on the socket instead: as descriptor 3, with
 LISTEN_FDS=1, LISTEN_PID and LISTEN_FDNAMES set as socket-activated programs
@@ -115,17 +116,26 @@ export function runPair(args: string[]): Promise<number> {
     if (program !== undefined) {
       return await execOnSocket(socket, program, command!.slice(1), { key, stdio: values.stdio });
     }
+    let undelivered: OsError | undefined;
     try {
-      await Promise.all([
-        Deno.stdin.readable.pipeTo(socket.writable).catch((error) => {
-          // The peer stopped reading: our sending direction is over, and what it sent
-          // before leaving must still reach standard output.
+      [undelivered] = await Promise.all([
+        Deno.stdin.readable.pipeTo(socket.writable).then(() => undefined, (error) => {
+          // The peer stopped reading: our sending direction is over, but what it sent
+          // before leaving must still reach standard output before we say so.
           if (!(error instanceof OsError && PEER_GONE.has(error.code))) throw error;
+          return error;
         }),
         socket.readable.pipeTo(Deno.stdout.writable),
       ]);
     } finally {
       socket.close();
+    }
+    if (undelivered !== undefined) {
+      // A script must tell a cut transfer from a finished one.
+      throw new Error(
+        `send to peer on key "${describeKey(bytes)}": ${undelivered.code} ` +
+          "(the peer closed before reading all of standard input)",
+      );
     }
     return 0;
   });

@@ -410,7 +410,7 @@ Deno.test("cli: a plain broker survives SIGHUP (its default action would kill it
     await stopBroker(broker, scope.socket, "SIGTERM");
   }));
 
-Deno.test("cli: pair keeps what the peer sent when the peer leaves while we still write", () =>
+Deno.test("cli: pair whose peer leaves while it still writes prints what came, then fails", () =>
   withScope(async (scope) => {
     await startBroker(scope);
     const talker = scope.spawn(
@@ -428,8 +428,12 @@ Deno.test("cli: pair keeps what the peer sent when the peer leaves while we stil
     const [talked, left] = await Promise.all([talker.finish(), leaver.finish()]);
     assert.equal(left.code, 0, left.stderr);
     assert.equal(decoder.decode(talked.stdout), "bye\n");
-    assert.equal(talked.code, 0, `stderr: ${talked.stderr}`);
-    assert.equal(talked.stderr, "");
+    // Not 0: a script must tell this from a finished transfer.
+    assert.equal(talked.code, 1, `stderr: ${talked.stderr}`);
+    assert.match(
+      talked.stderr,
+      /^one-socket pair: send to peer on key "leaver": (EPIPE|ECONNRESET) \(the peer closed before reading all of standard input\)\n$/,
+    );
   }));
 
 Deno.test("cli: a socket whose owner accepts nothing is neither replaced nor mistaken for 'no peer'", () =>
