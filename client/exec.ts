@@ -65,11 +65,17 @@ export interface ExecOptions {
 }
 
 const SHELL = "/bin/sh";
-// systemd-socket-activate sets LISTEN_PID in its child between fork and exec;
-// a Deno child runs no code of ours there. A shell can: `$$` is its own pid,
-// which `exec` keeps for PROGRAM. PROGRAM and its arguments arrive as "$0"
-// "$@", so the shell parses none of them.
+// Between fork and exec a Deno child runs no code of ours, so a shell does what
+// must happen there. PROGRAM and its arguments arrive as "$0" "$@", so the
+// shell parses none of them, and `exec` keeps the shell's pid for PROGRAM.
+//
+// systemd-socket-activate sets LISTEN_PID in its child; `$$` is that pid.
 const SET_LISTEN_PID = 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"';
+// The socket arrives as descriptor 3 here too, never as spawn's stdio 0 and 1:
+// Deno 2.9.6 dup()s a descriptor given there without close-on-exec, and the
+// child inherits those copies (as 20 and 24, say) besides 0 and 1, so the
+// peer saw end of stream only when PROGRAM exited, not when it closed 0 and 1.
+const MOVE_TO_STDIO = 'exec "$0" "$@" <&3 >&3 3<&-';
 
 /** sd_listen_fds_with_names() accepts 1..255 printable ASCII characters without a colon. */
 function descriptorName(key: string): string {
@@ -114,7 +120,9 @@ function exitCode(child: ChildProcess, program: string): Promise<number> {
  * program's pid) and `LISTEN_FDNAMES` (the key, if it is a valid name, else
  * `one-socket`), which socket-activated programs accept; with `stdio` it is
  * descriptors 0 and 1 and no `LISTEN_*` variable is passed. Either way
- * `ONE_SOCKET_FD` names the descriptor and `ONE_SOCKET_KEY` holds the key.
+ * `ONE_SOCKET_FD` names the descriptor and `ONE_SOCKET_KEY` holds the key,
+ * and the program holds the socket at those descriptors only: `/bin/sh` puts
+ * it in place and `exec`s the program.
  *
  * The socket must not have been read or written: it reaches the program as
  * the blocking socket the broker created.
@@ -144,22 +152,22 @@ export function execOnSocket(
   delete env.LISTEN_PID;
   delete env.LISTEN_FDNAMES;
   env.ONE_SOCKET_KEY = options.key;
+  if (options.stdio) {
+    env.ONE_SOCKET_FD = "0";
+  } else {
+    env.ONE_SOCKET_FD = "3";
+    env.LISTEN_FDS = "1";
+    env.LISTEN_FDNAMES = descriptorName(options.key);
+  }
   let child: ChildProcess;
   try {
-    if (options.stdio) {
-      env.ONE_SOCKET_FD = "0";
-      child = spawn(program, args, { stdio: [fd, fd, "inherit"], env });
-    } else {
-      env.ONE_SOCKET_FD = "3";
-      env.LISTEN_FDS = "1";
-      env.LISTEN_FDNAMES = descriptorName(options.key);
-      child = spawn(SHELL, ["-c", SET_LISTEN_PID, program, ...args], {
-        stdio: ["inherit", "inherit", "inherit", fd],
-        env,
-      });
-    }
+    const script = options.stdio ? MOVE_TO_STDIO : SET_LISTEN_PID;
+    child = spawn(SHELL, ["-c", script, program, ...args], {
+      stdio: ["inherit", "inherit", "inherit", fd],
+      env,
+    });
   } finally {
     socket.close();
   }
-  return exitCode(child, options.stdio ? program : SHELL);
+  return exitCode(child, SHELL);
 }

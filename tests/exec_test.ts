@@ -134,6 +134,37 @@ Deno.test("exec: --stdio gives an inetd-style script the socket as stdin and std
   });
 });
 
+for (const [mode, flags, expected] of [["--stdio", ["--stdio"], "0 1"], ["fd 3", [], "3"]]) {
+  Deno.test(`exec (${mode}): the program holds the socket at ${expected} only, so closing them ends the stream`, () =>
+    withBrokerAndScope(async (path, scope) => {
+      // The shell lists its descriptors that are the socket, says which, closes them
+      // and keeps running: the peer must see end of stream now, not when it exits.
+      const script = "s=$(readlink /proc/$$/fd/$ONE_SOCKET_FD); on=; for f in /proc/$$/fd/*; do " +
+        '[ "$(readlink "$f")" = "$s" ] && on="$on ${f##*/}"; done; ' +
+        'echo "socket on:$on" >&$ONE_SOCKET_FD; exec 0<&- 1>&- 3>&-; sleep 2';
+      const service = pair(
+        scope,
+        ["fds", "--socket", path, "--exec", ...flags, "--"].concat(
+          ["sh", "-c", script],
+        ),
+      );
+      const socket = await peer(path, "fds");
+      try {
+        const buffer = new Uint8Array(256);
+        const count = await socket.read(buffer);
+        assert.equal(decoder.decode(buffer.subarray(0, count ?? 0)), `socket on: ${expected}\n`);
+        const sawLine = Date.now();
+        assert.equal(await socket.read(buffer), null);
+        const wait = Date.now() - sawLine;
+        assert.ok(wait < 1000, `end of stream ${wait} ms after the program closed the socket`);
+      } finally {
+        socket.close();
+      }
+      const done = await service.finish();
+      assert.equal(done.code, 0, done.stderr);
+    }));
+}
+
 for (const signal of ["SIGTERM", "SIGINT"] as const) {
   Deno.test(`exec: our copy is closed at once, and ${signal} is passed on to the program`, async () => {
     await withBrokerAndScope(async (path, scope) => {
