@@ -81,6 +81,8 @@ const symbols = {
   geteuid: { parameters: [], result: "u32" },
   // mode_t umask(mode_t mask)
   umask: { parameters: ["u32"], result: "u32" },
+  // int ioctl(int fd, unsigned long request, int *value): only FIONREAD, whose argument is an int
+  ioctl_int: { name: "ioctl", parameters: ["i32", "u64", "buffer"], result: "i32" },
   // int fchmod(int fd, mode_t mode)
   fchmod: { parameters: ["i32", "u32"], result: "i32" },
   // int epoll_create1(int flags)
@@ -208,6 +210,8 @@ export const EFD_NONBLOCK = 0o4000;
 export const EFD_CLOEXEC = 0o2000000;
 /** `RLIMIT_NOFILE` */
 export const RLIMIT_NOFILE = 7;
+/** `FIONREAD`: bytes waiting to be read on a socket. */
+export const FIONREAD = 0x541b;
 /** `O_WRONLY` */
 export const O_WRONLY = 0o1;
 /** `O_RDWR` */

@@ -17,6 +17,7 @@ import {
   F_GETFL,
   F_SETFD,
   F_SETFL,
+  FIONREAD,
   FD_CLOEXEC,
   libc,
   MSG_CMSG_CLOEXEC,
@@ -303,6 +304,16 @@ export function sendFrom(fd: number, buffer: Uint8Array<ArrayBuffer>): number {
 /** Ends our sending direction; the peer reads end of stream. */
 export function shutdownWrite(fd: number): void {
   if (libc.shutdown(fd, SHUT_WR) < 0) throw new OsError("shutdown", errno());
+}
+
+const unreadCount = new Int32Array(1);
+
+/** Bytes the kernel holds for `fd` that nobody has read yet (`FIONREAD`). */
+export function unreadBytes(fd: number): number {
+  if (libc.ioctl_int(fd, sizeArgument(FIONREAD), unreadCount) < 0) {
+    throw new OsError("ioctl FIONREAD", errno(), `fd ${fd}`);
+  }
+  return unreadCount[0];
 }
 
 /** Makes a descriptor (say, one received from the broker) nonblocking. */
