@@ -47,6 +47,8 @@ export {
 } from "./broker/broker.ts";
 export {
   type ControlClient,
+  type ControlClientsPage,
+  type ControlOptions,
   type ControlServer,
   type ControlStatus,
   serveControl,

@@ -20,7 +20,7 @@ import { guardFallbackDirectory, resolveSocketPath } from "../client/socket_path
 import { countOpenDescriptors, raiseDescriptorLimit } from "../ffi/process.ts";
 import { Reactor } from "../ffi/reactor.ts";
 import { Broker } from "./broker.ts";
-import { serveControl } from "./control.ts";
+import { DEFAULT_CONTROL_CONNECTIONS, serveControl } from "./control.ts";
 import { daemonize, DEFAULT_READY_TIMEOUT_MS } from "./daemon.ts";
 import { getFileSink } from "./log_file.ts";
 import { ServiceNotifier } from "./notify.ts";
@@ -46,6 +46,12 @@ Options:
   --control PATH       also serve the control API (HTTP: status, clients, kick,
                        metrics) on this Unix socket; by convention the socket
                        path plus ".control", where one-socket ctl looks for it
+  --control-max-connections N  most control connections open at once (default
+                       16, or half the descriptor reserve if less); past it, a
+                       newcomer closes the oldest one silent for 0.25 s (or
+                       answered for 2 s), else waits
+  --control-timeout SECONDS  close a control connection whose one request
+                       and its answer are not done within SECONDS (default 10)
   --log-level LEVEL    trace, debug, info (default), warning, error, fatal
   --log-format FORMAT  text (default) or json (one object per line)
   --log-file PATH      append the log to PATH instead of stderr; SIGHUP reopens it.
@@ -119,6 +125,24 @@ function count(flag: string, text: string): number {
   return value;
 }
 
+/**
+ * Most control connections: each holds a descriptor, taken from the reserve,
+ * and half of it stays for the logs, a policy reload and the runtime.
+ */
+function controlConnectionLimit(descriptors: number, flag?: string): number {
+  const most = Math.floor(descriptorReserve(descriptors) / 2);
+  if (flag === undefined) return Math.max(1, Math.min(DEFAULT_CONTROL_CONNECTIONS, most));
+  const wanted = count("--control-max-connections", flag);
+  if (wanted > most) {
+    throw new UsageError(
+      `--control-max-connections ${wanted} is more than half the ${
+        descriptorReserve(descriptors)
+      } descriptors kept in reserve under a limit of ${descriptors}; at most ${most}`,
+    );
+  }
+  return wanted;
+}
+
 /** The line `systemctl status` shows. */
 function serviceStatus(broker: Broker): string {
   const { waiting, paired } = broker.stats;
@@ -131,6 +155,8 @@ export function runBroker(args: string[]): Promise<number> {
     const { values, positionals } = parseCommandLine(args, {
       socket: { type: "string" },
       control: { type: "string" },
+      "control-max-connections": { type: "string" },
+      "control-timeout": { type: "string", default: "10" },
       "log-level": { type: "string", default: "info" },
       "log-format": { type: "string", default: "text" },
       "handshake-timeout": { type: "string", default: "5" },
@@ -161,6 +187,8 @@ export function runBroker(args: string[]): Promise<number> {
     if (format !== "text" && format !== "json") {
       throw new UsageError(`unknown log format ${format} (text or json)`);
     }
+    const controlTimeoutMs = seconds("--control-timeout", values["control-timeout"]) * 1000;
+    const controlConnections = values["control-max-connections"];
     const handshakeTimeoutMs = seconds("--handshake-timeout", values["handshake-timeout"]) * 1000;
     const pairTimeout = values["pair-timeout"];
     const pairTimeoutMs = pairTimeout === undefined
@@ -185,6 +213,7 @@ export function runBroker(args: string[]): Promise<number> {
     try {
       await configureLogging(level, format, values["log-file"]);
       const limit = raiseDescriptorLimit();
+      const controlMaxConnections = controlConnectionLimit(limit.soft, controlConnections);
       // Listening for signals from the start: a stop while starting, or right after
       // READY=1, still ends in a graceful shutdown.
       let status = () => "starting";
@@ -224,7 +253,10 @@ export function runBroker(args: string[]): Promise<number> {
       try {
         const control = values.control === undefined
           ? undefined
-          : await serveControl(broker, values.control);
+          : await serveControl(broker, values.control, {
+            maxConnections: controlMaxConnections,
+            timeoutMs: controlTimeoutMs,
+          });
         status = () => serviceStatus(broker);
         notifier.ready(status);
         await signals.stop;

@@ -4,29 +4,60 @@
  * into a running broker without touching the broker socket.
  *
  * - `GET /status`: version, uptime, socket paths, counters
- * - `GET /clients`: the clients waiting for a partner
+ * - `GET /clients?limit=N&after=ID`: one page of the clients waiting for a partner
  * - `DELETE /clients/ID`: disconnect one client
  * - `GET /metrics`: Prometheus text format
  *
- * Errors are JSON `{"error": "..."}` with a 4xx or 5xx status.
+ * Errors are JSON `{"error": "..."}` with a 4xx or 5xx status. Every answer
+ * costs bounded work and size, and connections are bounded in number and
+ * time (see `control_server.ts`): whoever may connect cannot stall pairing.
  *
  * @module
  */
 
+import { Buffer } from "node:buffer";
+import type http from "node:http";
 import { getLogger } from "@logtape/logtape";
 import denoConfig from "../deno.json" with { type: "json" };
 import { describeKey, type Mode } from "../client/protocol.ts";
 import { countOpenDescriptors, descriptorLimit } from "../ffi/process.ts";
-import { assertStale, type Broker } from "./broker.ts";
+import { type Broker, MAX_LISTING_PAGE } from "./broker.ts";
+import { sendJson, UnixHttpServer } from "./control_server.ts";
 import { PROMETHEUS_CONTENT_TYPE, renderPrometheus } from "./prometheus.ts";
 
 const logger = getLogger(["one-socket", "control"]);
+
+/** Most control connections open at once, unless {@link ControlOptions} says otherwise. */
+export const DEFAULT_CONTROL_CONNECTIONS = 16;
+/** Milliseconds a control connection may stay open, unless {@link ControlOptions} says otherwise. */
+export const DEFAULT_CONTROL_TIMEOUT_MS = 10_000;
+/** Clients in a `GET /clients` page when the request gives no `limit`. */
+export const DEFAULT_CLIENTS_PAGE = 100;
+
+/** Limits of the control server, for {@link serveControl}. */
+export interface ControlOptions {
+  /**
+   * Most control connections open at once (default
+   * {@link DEFAULT_CONTROL_CONNECTIONS}); a newcomer past it closes the
+   * oldest that has had its grace (0.25 s without a whole request, 2 s with
+   * one), or waits for one to end. Each holds a descriptor: keep them within
+   * what the broker keeps in reserve.
+   */
+  maxConnections?: number;
+  /**
+   * Milliseconds from a connect to the end of its answer (default
+   * {@link DEFAULT_CONTROL_TIMEOUT_MS}): silent, trickled or half-sent
+   * requests and unread answers are closed after it. Each connection carries
+   * one request (answered with `Connection: close`).
+   */
+  timeoutMs?: number;
+}
 
 /** A running control server, from {@link serveControl}. */
 export interface ControlServer extends AsyncDisposable {
   /** The socket path it serves on. */
   readonly path: string;
-  /** Stops serving and removes the socket file. */
+  /** Stops serving, closes its connections and removes the socket file. */
   close(): Promise<void>;
 }
 
@@ -53,7 +84,7 @@ export interface ControlStatus {
   };
 }
 
-/** One waiting client in the body of `GET /clients` (`{ clients: [...] }`). */
+/** One waiting client in a {@link ControlClientsPage}. */
 export interface ControlClient {
   /** The id `DELETE /clients/ID` takes. */
   id: number;
@@ -75,23 +106,37 @@ export interface ControlClient {
   gid: number;
 }
 
+/** The body of `GET /clients`: one page, by ascending id. */
+export interface ControlClientsPage {
+  /** Waiting clients with ids above the request's `after`, at most its `limit`. */
+  clients: ControlClient[];
+  /** When more may follow: pass it as `after` for the next page. */
+  next?: number;
+}
+
+/** The answer to one request, before it is written. */
+interface Answer {
+  status: number;
+  headers?: Record<string, string>;
+  /** JSON-encoded unless `text` is set. */
+  body?: unknown;
+  /** A body sent as is (Prometheus text). */
+  text?: string;
+}
+
 /** An error answer: the status and the JSON `{ error }` body. */
 class HttpError extends Error {
   readonly status: number;
-  readonly headers?: HeadersInit;
+  readonly headers?: Record<string, string>;
 
-  constructor(status: number, message: string, headers?: HeadersInit) {
+  constructor(status: number, message: string, headers?: Record<string, string>) {
     super(message);
     this.status = status;
     this.headers = headers;
   }
 }
 
-function json(body: unknown, status = 200, headers?: HeadersInit): Response {
-  return Response.json(body, { status, headers });
-}
-
-function status(broker: Broker, control: string): Response {
+function status(broker: Broker, control: string): Answer {
   const stats = broker.stats;
   const body: ControlStatus = {
     version: denoConfig.version,
@@ -108,35 +153,62 @@ function status(broker: Broker, control: string): Response {
       connectionsOpen: stats.open,
     },
   };
-  return json(body);
+  return { status: 200, body };
 }
 
-function clients(broker: Broker): Response {
+/** A whole number from a query parameter, within `min`…`max`; 400 otherwise. */
+function wholeNumber(name: string, text: string, min: number, max: number): number {
+  const value = /^[0-9]{1,16}$/.test(text) ? Number(text) : NaN;
+  if (!(value >= min && value <= max)) {
+    throw new HttpError(400, `${name} must be a whole number from ${min} to ${max}, not "${text}"`);
+  }
+  return value;
+}
+
+/** `limit` and `after` from the query; anything else in it is a mistake worth saying. */
+function listingPage(query: URLSearchParams): { limit: number; after: number } {
+  const page = { limit: DEFAULT_CLIENTS_PAGE, after: 0 };
+  for (const name of new Set(query.keys())) {
+    const values = query.getAll(name);
+    if (values.length > 1) throw new HttpError(400, `${name} given ${values.length} times`);
+    if (name === "limit") page.limit = wholeNumber(name, values[0], 1, MAX_LISTING_PAGE);
+    else if (name === "after") {
+      page.after = wholeNumber(name, values[0], 0, Number.MAX_SAFE_INTEGER);
+    } else throw new HttpError(400, `unknown parameter ${name} (use limit and after)`);
+  }
+  return page;
+}
+
+function clients(broker: Broker, query: URLSearchParams): Answer {
+  const page = listingPage(query);
   const now = Date.now();
-  return json({
-    clients: broker.waitingClients().map((client): ControlClient => ({
-      id: client.id,
-      key: describeKey(client.key),
-      keyHex: client.key.toHex(),
-      mode: client.mode,
-      since: client.since.toISOString(),
-      waitingSeconds: (now - client.since.getTime()) / 1000,
-      pid: client.peer.pid,
-      uid: client.peer.uid,
-      gid: client.peer.gid,
-    })),
-  });
+  const listed = broker.waitingClients(page).map((client): ControlClient => ({
+    id: client.id,
+    key: describeKey(client.key),
+    keyHex: client.key.toHex(),
+    mode: client.mode,
+    since: client.since.toISOString(),
+    waitingSeconds: (now - client.since.getTime()) / 1000,
+    pid: client.peer.pid,
+    uid: client.peer.uid,
+    gid: client.peer.gid,
+  }));
+  const body: ControlClientsPage = { clients: listed };
+  if (listed.length === page.limit) body.next = listed[listed.length - 1].id;
+  return { status: 200, body };
 }
 
-function kick(broker: Broker, id: string): Response {
-  if (!/^[0-9]+$/.test(id)) throw new HttpError(400, `client id must be a number, not "${id}"`);
+function kick(broker: Broker, id: string): Answer {
+  if (!/^[0-9]{1,16}$/.test(id)) {
+    throw new HttpError(400, `client id must be a number, not "${id.slice(0, 40)}"`);
+  }
   if (!broker.kick(Number(id))) throw new HttpError(404, `no client ${id}`);
-  return new Response(null, { status: 204 });
+  return { status: 204 };
 }
 
-function metrics(broker: Broker): Response {
+function metrics(broker: Broker): Answer {
   const counters = broker.metrics;
-  const body = renderPrometheus({
+  const text = renderPrometheus({
     accepted: counters.accepted,
     paired: counters.paired,
     acceptPauses: counters.acceptPauses,
@@ -151,102 +223,106 @@ function metrics(broker: Broker): Response {
     memory: Deno.memoryUsage(),
     startTimeSeconds: broker.startedAt.getTime() / 1000,
   });
-  return new Response(body, { headers: { "content-type": PROMETHEUS_CONTENT_TYPE } });
-}
-
-type Handlers = Partial<Record<string, () => Response>>;
-
-/** The handlers for `pathname` by method, or undefined when there is no such resource. */
-function resource(broker: Broker, control: string, pathname: string): Handlers | undefined {
-  switch (pathname) {
-    case "/status":
-      return { GET: () => status(broker, control) };
-    case "/clients":
-      return { GET: () => clients(broker) };
-    case "/metrics":
-      return { GET: () => metrics(broker) };
-  }
-  const client = /^\/clients\/([^/]+)$/.exec(pathname);
-  if (client) return { DELETE: () => kick(broker, client[1]) };
-  return undefined;
-}
-
-function handle(broker: Broker, control: string, request: Request): Response {
-  const { pathname } = new URL(request.url);
-  try {
-    const handlers = resource(broker, control, pathname);
-    if (handlers === undefined) throw new HttpError(404, `no resource ${pathname}`);
-    const handler = handlers[request.method];
-    if (handler === undefined) {
-      const allowed = Object.keys(handlers).join(", ");
-      throw new HttpError(405, `${request.method} ${pathname}: use ${allowed}`, {
-        allow: allowed,
-      });
-    }
-    return handler();
-  } catch (error) {
-    if (error instanceof HttpError) {
-      return json({ error: error.message }, error.status, error.headers);
-    }
-    throw error;
-  }
-}
-
-/** Binds the control socket, replacing a stale socket file as the broker does with its own. */
-async function listen(
-  path: string,
-  handler: (request: Request) => Response,
-): Promise<Deno.HttpServer> {
-  const serve = () =>
-    Deno.serve({
-      path,
-      // Deno would print its own "Listening on" line to stdout.
-      onListen: () => logger.info("control API on {path}", { path }),
-      onError: (error) => {
-        logger.error("control request failed: {error}", { error });
-        return json({ error: "internal error" }, 500);
-      },
-    }, handler);
-  try {
-    return serve();
-  } catch (error) {
-    if (!(error instanceof Deno.errors.AddrInUse)) {
-      const code = (error as { code?: unknown }).code;
-      if (typeof code !== "string") throw error;
-      throw new Error(`bind ${path}: ${code} (control socket)`, { cause: error });
-    }
-  }
-  await assertStale(path);
-  logger.info("replacing stale socket file {path}", { path });
-  await Deno.remove(path);
-  return serve();
+  return { status: 200, headers: { "content-type": PROMETHEUS_CONTENT_TYPE }, text };
 }
 
 /**
- * Serves the control API for `broker` on the Unix socket `path` (a file:
- * Deno cannot serve HTTP on an abstract socket). A stale socket file is
- * replaced; a live one, or a path that is not a socket, is not.
+ * The handlers of `url`'s resource by method, or undefined when there is no
+ * such resource. A Map: a method name is the client's to choose, and must
+ * never reach an object's prototype (`constructor`, `__proto__`).
+ */
+function resource(
+  broker: Broker,
+  control: string,
+  url: URL,
+): ReadonlyMap<string, () => Answer> | undefined {
+  switch (url.pathname) {
+    case "/status":
+      return new Map([["GET", () => status(broker, control)]]);
+    case "/clients":
+      return new Map([["GET", () => clients(broker, url.searchParams)]]);
+    case "/metrics":
+      return new Map([["GET", () => metrics(broker)]]);
+  }
+  const client = /^\/clients\/([^/]+)$/.exec(url.pathname);
+  if (client) return new Map([["DELETE", () => kick(broker, client[1])]]);
+  return undefined;
+}
+
+function answer(broker: Broker, control: string, method: string, target: string): Answer {
+  // Origin form ("/status") from curl, absolute form ("http://localhost/status") from Deno's
+  // fetch, which talks to a Unix socket as to a proxy: only the path and query matter.
+  const url = URL.parse(target, "http://localhost");
+  if (url === null) throw new HttpError(400, "request target is not a URL");
+  const handlers = resource(broker, control, url);
+  if (handlers === undefined) throw new HttpError(404, `no resource ${url.pathname}`);
+  const handler = handlers.get(method);
+  if (handler === undefined) {
+    const allowed = [...handlers.keys()].join(", ");
+    throw new HttpError(405, `${method} ${url.pathname}: use ${allowed}`, { allow: allowed });
+  }
+  return handler();
+}
+
+function handle(
+  broker: Broker,
+  control: string,
+  request: http.IncomingMessage,
+  response: http.ServerResponse,
+): void {
+  let result: Answer;
+  try {
+    result = answer(broker, control, request.method ?? "", request.url ?? "");
+  } catch (error) {
+    if (!(error instanceof HttpError)) throw error;
+    result = { status: error.status, headers: error.headers, body: { error: error.message } };
+  }
+  if (result.text !== undefined) {
+    response.writeHead(result.status, {
+      ...result.headers,
+      "content-length": String(Buffer.byteLength(result.text)),
+    });
+    response.end(result.text);
+  } else if (result.body !== undefined) {
+    sendJson(response, result.status, result.body, result.headers);
+  } else {
+    response.writeHead(result.status, result.headers);
+    response.end();
+  }
+}
+
+/**
+ * Serves the control API for `broker` on the Unix socket `path` (a file, made
+ * with mode 0600: only the broker's user and root may connect). A stale
+ * socket file is replaced; a live one, or a path that is not a socket, is not.
  *
  * @example Ask a broker for its status over HTTP
  * ```ts
  * import { Broker, serveControl } from "./mod.ts";
  * const path = `/tmp/control-example-${Deno.pid}.socket`;
  * await using broker = await Broker.listen({ path });
- * await using control = await serveControl(broker, `${path}.control`);
+ * await using control = await serveControl(broker, `${path}.control`, { timeoutMs: 5000 });
  * using client = Deno.createHttpClient({ proxy: { transport: "unix", path: control.path } });
  * const response = await fetch("http://localhost/status", { client });
  * console.log((await response.json()).counts.waiting); // 0
  * ```
  */
-export async function serveControl(broker: Broker, path: string): Promise<ControlServer> {
+export async function serveControl(
+  broker: Broker,
+  path: string,
+  options: ControlOptions = {},
+): Promise<ControlServer> {
   if (path.startsWith("@")) {
     throw new TypeError(
       `control socket ${path}: abstract sockets are not supported, give a file path`,
     );
   }
-  const server = await listen(path, (request) => handle(broker, path, request));
-  let closing: Promise<void> | undefined;
-  // Deno removes the socket file itself once the listener is closed.
-  const close = () => closing ??= server.shutdown();
+  const server = await UnixHttpServer.listen({
+    path,
+    maxConnections: options.maxConnections ?? DEFAULT_CONTROL_CONNECTIONS,
+    timeoutMs: options.timeoutMs ?? DEFAULT_CONTROL_TIMEOUT_MS,
+  }, (request, response) => handle(broker, path, request, response));
+  logger.info("control API on {path}", { path });
+  const close = () => server.close();
   return { path, close, [Symbol.asyncDispose]: close };
 }

@@ -10,14 +10,16 @@
  * It also has no deadline for a request that is never finished.
  *
  * Here, every connection lives under three bounds:
- * - at most `maxConnections` are open; a newcomer past that closes the one
- *   whose current exchange began longest ago (an idle keep-alive, most
- *   likely), so that holding connections open cannot lock operators out;
- * - each exchange, from the connect or the end of the previous answer to the
- *   end of this answer, must finish within `exchangeTimeoutMs`: this bounds
- *   idle keep-alives, trickled requests and answers nobody reads alike;
- * - at most {@link MAX_UNANSWERED} requests may wait for their answers, so
- *   pipelining cannot queue unbounded work or memory.
+ * - at most `maxConnections` are open; a newcomer past that closes the
+ *   oldest one that has had its grace ({@link SILENT_GRACE_MS} if silent,
+ *   {@link BUSY_GRACE_MS} otherwise), so that holding connections open
+ *   cannot lock operators out;
+ * - one request per connection, answered with `Connection: close`: a
+ *   keep-alive connection could keep its place for ever, and pipelined
+ *   requests would queue work and memory (those after the first are ignored);
+ * - the request and its whole answer must be done within `timeoutMs` of the
+ *   connect: this bounds silent, trickled and half-sent requests and
+ *   answers nobody reads alike.
  *
  * @module
  */
@@ -35,6 +37,7 @@ import {
   listenUnix,
   type UnixSocket,
   unlinkPath,
+  unreadBytes,
 } from "../ffi/socket.ts";
 import { assertStale } from "./broker.ts";
 
@@ -49,39 +52,48 @@ export interface UnixHttpServerOptions {
   path: string;
   /** Most connections open at once. */
   maxConnections: number;
-  /** Milliseconds each exchange (wait for a request, answer it) may take. */
-  exchangeTimeoutMs: number;
+  /** Milliseconds from connect to the end of the answer. */
+  timeoutMs: number;
 }
 
-/** Requests on one connection that may wait for their answers at once (HTTP pipelining). */
-export const MAX_UNANSWERED = 2;
 /** How long accepting pauses after an accept error (EMFILE, ENOMEM), so that we do not spin. */
 const ACCEPT_PAUSE_MS = 100;
+/**
+ * How long a silent connection keeps its place against newcomers: one that
+ * has not sent a whole request, and has nothing we have yet to read. An
+ * honest client sends its request at once.
+ */
+export const SILENT_GRACE_MS = 250;
+/**
+ * How long any other connection keeps its place against newcomers: its
+ * request waits for us, or its answer is on its way, which takes
+ * milliseconds unless the loop is busy or nobody reads the answer.
+ */
+export const BUSY_GRACE_MS = 2000;
+/**
+ * Who waits for a place waits here; the kernel refuses connects beyond
+ * (EAGAIN). Waiting connections cost the kernel memory, not our descriptors.
+ */
+const BACKLOG = 128;
 /** Only the owner (the broker's user, and root) may connect. */
 const SOCKET_MODE = 0o600;
 /** Longest request head `node:http` parses; ours are a line and a few headers. */
 const MAX_HEADER_BYTES = 8192;
 
-/** One open connection: the socket and the deadline of its current exchange. */
+/** One open connection: the socket, its deadline, whether its one request came. */
 class HttpConnection {
   readonly socket: net.Socket;
-  /** Requests received and not yet answered in full. */
-  unanswered = 0;
-  #deadline?: ReturnType<typeof setTimeout>;
+  /** Its descriptor, owned by `socket`: only looked at while the socket is open. */
+  readonly fd: number;
+  readonly deadline: ReturnType<typeof setTimeout>;
+  /** `performance.now()` at accept. */
+  readonly openedAt: number = performance.now();
+  requested = false;
 
-  constructor(socket: net.Socket) {
+  constructor(socket: net.Socket, fd: number, deadline: ReturnType<typeof setTimeout>) {
     this.socket = socket;
-  }
-
-  /** Starts the deadline of a new exchange. */
-  startExchange(timeoutMs: number, onTimeout: () => void): void {
-    clearTimeout(this.#deadline);
-    this.#deadline = setTimeout(onTimeout, timeoutMs);
-  }
-
-  /** Clears the deadline: the connection is closing. */
-  stopDeadline(): void {
-    clearTimeout(this.#deadline);
+    this.fd = fd;
+    this.deadline = deadline;
   }
 }
 
@@ -94,7 +106,7 @@ class HttpConnection {
  * import { UnixHttpServer } from "./control_server.ts";
  * const path = `/tmp/http-example-${Deno.pid}.socket`;
  * await using server = await UnixHttpServer.listen(
- *   { path, maxConnections: 4, exchangeTimeoutMs: 5000 },
+ *   { path, maxConnections: 4, timeoutMs: 5000 },
  *   (_request, response) => response.end("ok"),
  * );
  * using client = Deno.createHttpClient({ proxy: { transport: "unix", path } });
@@ -108,10 +120,14 @@ export class UnixHttpServer implements AsyncDisposable {
   readonly #listener: UnixSocket;
   readonly #listenWatch: Watch;
   readonly #http: http.Server;
-  /** Open connections (descriptor not yet closed), oldest exchange first. */
+  /** Requests waiting for their turn (at most one per connection). */
+  readonly #queue: (() => void)[] = [];
+  /** Open connections (descriptor not yet closed), oldest first. */
   readonly #connections = new Map<net.Socket, HttpConnection>();
   readonly #fileIdentity: string;
   #acceptPaused = false;
+  /** An accept failed (EMFILE, say) and none has succeeded since. */
+  #acceptFailing = false;
   #closing?: Promise<void>;
 
   private constructor(
@@ -124,8 +140,6 @@ export class UnixHttpServer implements AsyncDisposable {
     this.#listener = listener;
     this.#fileIdentity = fileIdentity(options.path);
     this.#http = http.createServer({ maxHeaderSize: MAX_HEADER_BYTES });
-    // One rule for idle connections: the exchange deadline (node's own timer would be a second one).
-    this.#http.keepAliveTimeout = 0;
     this.#http.on("request", (request, response) => this.#onRequest(request, response, handle));
     this.#http.on("clientError", (error, socket) => answerClientError(error, socket));
     this.#listenWatch = Reactor.instance().watch(listener.fd, EPOLLIN, () => this.#acceptAll());
@@ -140,18 +154,16 @@ export class UnixHttpServer implements AsyncDisposable {
     options: UnixHttpServerOptions,
     handle: RequestHandler,
   ): Promise<UnixHttpServer> {
-    const { path, maxConnections } = options;
-    // The backlog holds those who wait for a place; the kernel refuses the rest (EAGAIN).
-    const backlog = maxConnections;
+    const { path } = options;
     let listener: UnixSocket;
     try {
-      listener = listenUnix(path, backlog, { mode: SOCKET_MODE });
+      listener = listenUnix(path, BACKLOG, { mode: SOCKET_MODE });
     } catch (error) {
       if (!(error instanceof OsError && error.code === "EADDRINUSE")) throw error;
       await assertStale(path);
       logger.info("replacing stale socket file {path}", { path });
       unlinkPath(path);
-      listener = listenUnix(path, backlog, { mode: SOCKET_MODE });
+      listener = listenUnix(path, BACKLOG, { mode: SOCKET_MODE });
     }
     return new UnixHttpServer(options, listener, handle);
   }
@@ -197,42 +209,67 @@ export class UnixHttpServer implements AsyncDisposable {
       }
       const fd = acceptConnection(this.#listener.fd);
       if (fd >= 0) {
+        if (this.#acceptFailing) {
+          this.#acceptFailing = false;
+          logger.info("control socket {path}: accepting again", { path: this.path });
+        }
         this.#adopt(fd);
         continue;
       }
       if (fd === -Errno.EAGAIN) return;
       if (fd === -Errno.ECONNABORTED || fd === -Errno.EINTR) continue;
       // Out of descriptors (the broker is full) or memory: what is open keeps being served.
-      this.#pauseAccepting(`accept4: ${errnoName(-fd)}`);
+      this.#acceptFailed(`accept4: ${errnoName(-fd)}`);
       return;
     }
   }
 
   /**
-   * Someone waits to connect and every place is taken: close the connection
-   * whose exchange began longest ago, and accept again once its descriptor is
-   * closed (see {@link #forget}), so that we never hold more than the limit.
+   * Someone waits to connect and every place is taken. The oldest connection
+   * that has had its grace goes ({@link graceMs}); accepting resumes once its
+   * descriptor is closed (see {@link #forget}), so that never more are open
+   * than the limit. If none has had its grace, the newcomer waits in the
+   * backlog until one ends or its grace is over.
    */
   #makeRoom(): void {
-    this.#listenWatch.modify(0);
-    this.#acceptPaused = true;
-    for (const [socket] of this.#connections) {
-      if (socket.destroyed) continue; // closing already: wait for it
-      logger.debug("closing the longest-running control connection to make room");
-      socket.destroy();
-      return;
+    const now = performance.now();
+    let soonest = Infinity;
+    for (const [socket, connection] of this.#connections) {
+      if (socket.destroyed) continue; // closing already: its close resumes accepting
+      const left = connection.openedAt + graceMs(connection) - now;
+      if (left <= 0) {
+        logger.debug("closing a control connection open {ms} ms to make room", {
+          ms: Math.round(now - connection.openedAt),
+        });
+        socket.destroy();
+        this.#stopAccepting();
+        return;
+      }
+      soonest = Math.min(soonest, left);
     }
+    this.#stopAccepting(soonest === Infinity ? undefined : soonest);
   }
 
-  #pauseAccepting(cause: string): void {
-    logger.warn("control socket {path}: {cause}; retrying in {ms} ms", {
-      path: this.path,
-      cause,
-      ms: ACCEPT_PAUSE_MS,
-    });
-    this.#listenWatch.modify(0);
-    this.#acceptPaused = true;
-    setTimeout(() => this.#resumeAccepting(), ACCEPT_PAUSE_MS).unref();
+  /** Out of descriptors or memory: logged once until an accept succeeds again. */
+  #acceptFailed(cause: string): void {
+    if (!this.#acceptFailing) {
+      this.#acceptFailing = true;
+      logger.warn("control socket {path}: {cause}; retrying every {ms} ms", {
+        path: this.path,
+        cause,
+        ms: ACCEPT_PAUSE_MS,
+      });
+    }
+    this.#stopAccepting(ACCEPT_PAUSE_MS);
+  }
+
+  /** Stops watching the listener until a connection closes or, if given, `retryMs` pass. */
+  #stopAccepting(retryMs?: number): void {
+    if (!this.#acceptPaused) {
+      this.#acceptPaused = true;
+      this.#listenWatch.modify(0);
+    }
+    if (retryMs !== undefined) setTimeout(() => this.#resumeAccepting(), retryMs).unref();
   }
 
   #resumeAccepting(): void {
@@ -251,31 +288,22 @@ export class UnixHttpServer implements AsyncDisposable {
       logger.error("control connection: cannot adopt fd {fd}: {error}", { fd, error });
       return;
     }
-    const connection = new HttpConnection(socket);
+    const { timeoutMs } = this.#options;
+    const deadline = setTimeout(() => {
+      logger.debug("closing a control connection: not done within {ms} ms", { ms: timeoutMs });
+      socket.destroy();
+    }, timeoutMs);
+    const connection = new HttpConnection(socket, fd, deadline);
     this.#connections.set(socket, connection);
     socket.on("error", (error) => logger.debug("control connection: {error}", { error }));
     socket.once("close", () => this.#forget(connection));
-    this.#startExchange(connection);
     this.#http.emit("connection", socket);
   }
 
   #forget(connection: HttpConnection): void {
-    connection.stopDeadline();
+    clearTimeout(connection.deadline);
     this.#connections.delete(connection.socket);
     if (this.#connections.size < this.#options.maxConnections) this.#resumeAccepting();
-  }
-
-  /** A new exchange: a fresh deadline, and the connection moves to the back of the queue. */
-  #startExchange(connection: HttpConnection): void {
-    const { socket } = connection;
-    this.#connections.delete(socket);
-    this.#connections.set(socket, connection);
-    connection.startExchange(this.#options.exchangeTimeoutMs, () => {
-      logger.debug("closing a control connection: exchange not done within {ms} ms", {
-        ms: this.#options.exchangeTimeoutMs,
-      });
-      socket.destroy();
-    });
   }
 
   #onRequest(
@@ -289,18 +317,38 @@ export class UnixHttpServer implements AsyncDisposable {
       response.destroy();
       return;
     }
-    if (++connection.unanswered > MAX_UNANSWERED) {
-      logger.warn("closing a control connection: more than {n} requests pipelined", {
-        n: MAX_UNANSWERED,
-      });
-      connection.socket.destroy();
+    if (connection.requested) {
+      // Pipelined: node:http parses every request already read, but only the first is answered,
+      // and the connection ends with that answer; reading more would be work for nothing.
+      if (!connection.socket.isPaused()) {
+        logger.warn("control connection: ignoring the requests after the first");
+        connection.socket.pause();
+      }
       return;
     }
-    response.once("finish", () => {
-      if (--connection.unanswered === 0 && !connection.socket.destroyed) {
-        this.#startExchange(connection);
-      }
-    });
+    connection.requested = true;
+    // node:http then ends the connection once the answer is out.
+    response.shouldKeepAlive = false;
+    this.#queue.push(() => this.#answer(request, response, handle));
+    if (this.#queue.length === 1) setImmediate(this.#drainQueue);
+  }
+
+  /**
+   * Answers the oldest queued request, and leaves the next for a later turn
+   * of the event loop: requests that arrive together are answered one per
+   * turn, so the broker's sockets are served between any two of them.
+   */
+  readonly #drainQueue = (): void => {
+    this.#queue.shift()!();
+    if (this.#queue.length > 0) setImmediate(this.#drainQueue);
+  };
+
+  #answer(
+    request: http.IncomingMessage,
+    response: http.ServerResponse,
+    handle: RequestHandler,
+  ): void {
+    if (response.destroyed || request.socket.destroyed) return; // gone while it was queued
     try {
       handle(request, response);
     } catch (error) {
@@ -359,6 +407,19 @@ function unknownMethod(error: Error & { rawPacket?: Uint8Array }): boolean {
   if (head === undefined) return false;
   const method = new TextDecoder().decode(head).split(" ", 1)[0];
   return !http.METHODS.includes(method);
+}
+
+/** How long `connection` keeps its place against newcomers: see {@link SILENT_GRACE_MS}. */
+function graceMs(connection: HttpConnection): number {
+  if (connection.requested) return BUSY_GRACE_MS;
+  // Its request may be in the kernel still, the loop being too busy to have read it.
+  let unread = 0;
+  try {
+    unread = unreadBytes(connection.fd);
+  } catch {
+    // a socket in error: silent as far as we are concerned
+  }
+  return unread > 0 ? BUSY_GRACE_MS : SILENT_GRACE_MS;
 }
 
 /**

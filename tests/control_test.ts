@@ -13,51 +13,10 @@ import { listenUnix } from "../ffi/socket.ts";
 import denoConfig from "../deno.json" with { type: "json" };
 import { eventually, RawClient, withBroker } from "./helpers.ts";
 import { parsePrometheus } from "./prometheus_text.ts";
-import {
-  type Cli,
-  exists,
-  isSocket,
-  type Scope,
-  sleep,
-  startBroker,
-  WAIT_MS,
-  withScope,
-} from "./processes.ts";
+import { ControlHttp, startWithControl } from "./control_support.ts";
+import { exists, type Scope, sleep, WAIT_MS, withScope } from "./processes.ts";
 
 const decoder = new TextDecoder();
-
-/** One answer from the control socket, body read. */
-interface Answer {
-  status: number;
-  headers: Headers;
-  text: string;
-}
-
-/** An HTTP client bound to one control socket. */
-class ControlHttp implements Disposable {
-  readonly #client: Deno.HttpClient;
-
-  constructor(path: string) {
-    this.#client = Deno.createHttpClient({ proxy: { transport: "unix", path } });
-  }
-
-  async send(method: string, resource: string): Promise<Answer> {
-    const response = await fetch(`http://localhost${resource}`, { method, client: this.#client });
-    return { status: response.status, headers: response.headers, text: await response.text() };
-  }
-
-  /** GET `resource`, which must answer 200; its body parsed as JSON. */
-  async json<T>(resource: string): Promise<T> {
-    const answer = await this.send("GET", resource);
-    assert.equal(answer.status, 200, `GET ${resource}: ${answer.text}`);
-    assert.match(answer.headers.get("content-type") ?? "", /^application\/json/);
-    return JSON.parse(answer.text);
-  }
-
-  [Symbol.dispose](): void {
-    this.#client.close();
-  }
-}
 
 /** A broker in this process with its control API, both on temporary sockets. */
 function withControl(
@@ -269,12 +228,6 @@ async function until(what: string, condition: () => Promise<boolean>): Promise<v
     if (Date.now() > deadline) assert.fail(`no ${what} after ${WAIT_MS} ms`);
     await sleep(20);
   }
-}
-
-async function startWithControl(scope: Scope, control: string): Promise<Cli> {
-  const broker = await startBroker(scope, ["--socket", scope.socket, "--control", control]);
-  await broker.waitUntil(`control socket ${control}`, () => isSocket(control));
-  return broker;
 }
 
 Deno.test("ctl: status, clients, kick and metrics against a broker process", async () => {
