@@ -10,7 +10,8 @@ import { parseCommandLine, runCommand, UsageError } from "../client/command_line
 import { resolveControlPath } from "../client/socket_path.ts";
 import { OsError } from "../ffi/errors.ts";
 import { connectUnix } from "../ffi/socket.ts";
-import type { ControlClient, ControlStatus } from "./control.ts";
+import { MAX_LISTING_PAGE } from "./broker.ts";
+import type { ControlClient, ControlClientsPage, ControlStatus } from "./control.ts";
 
 /** Usage of `one-socket ctl`. */
 export const CTL_USAGE =
@@ -21,14 +22,15 @@ when started with --control PATH).
 
 Commands:
   status      version, uptime, socket paths and counters
-  clients     the clients waiting for a partner, oldest first
+  clients     the clients waiting for a partner, oldest first (every page)
   kick ID     disconnect client ID (an id from "clients"); it may reconnect
   metrics     the metrics in Prometheus text format
 
 Options:
   --control PATH  control socket; default $ONE_SOCKET_CONTROL, else the broker
                   socket path (see one-socket broker --help) plus ".control"
-  --json          print the JSON answer (status, clients) for scripts
+  --json          print the JSON answer (status; clients: every page's clients
+                  in one {"clients": [...]}) for scripts
   -h, --help      show this help`;
 
 /** Bound on one request: a script polling a wedged broker must not hang. */
@@ -58,30 +60,57 @@ async function unreachable(path: string, what: string, error: unknown): Promise<
   return new Error(`${what} on ${path}: ${error instanceof Error ? error.message : error}`);
 }
 
-/** Sends one request to the control socket; resolves to the body of a 2xx answer. */
-async function request(path: string, method: string, resource: string): Promise<string> {
-  const what = `${method} ${resource}`;
-  using client = Deno.createHttpClient({ proxy: { transport: "unix", path } });
-  let response: Response;
-  let body: string;
-  try {
-    response = await fetch(`http://localhost${resource}`, {
-      method,
-      client,
-      signal: AbortSignal.timeout(TIMEOUT_MS),
-    });
-    body = await response.text();
-  } catch (error) {
-    throw await unreachable(path, what, error);
+/** The control socket at `path`, one connection kept for a run's requests. */
+class ControlApi implements Disposable {
+  readonly #path: string;
+  readonly #client: Deno.HttpClient;
+
+  constructor(path: string) {
+    this.#path = path;
+    this.#client = Deno.createHttpClient({ proxy: { transport: "unix", path } });
   }
-  if (response.ok) return body;
-  let message: unknown;
-  try {
-    message = JSON.parse(body).error;
-  } catch {
-    // not one of our answers: report the status alone
+
+  /** Sends one request; resolves to the body of a 2xx answer. */
+  async request(method: string, resource: string): Promise<string> {
+    const what = `${method} ${resource}`;
+    let response: Response;
+    let body: string;
+    try {
+      response = await fetch(`http://localhost${resource}`, {
+        method,
+        client: this.#client,
+        signal: AbortSignal.timeout(TIMEOUT_MS),
+      });
+      body = await response.text();
+    } catch (error) {
+      throw await unreachable(this.#path, what, error);
+    }
+    if (response.ok) return body;
+    let message: unknown;
+    try {
+      message = JSON.parse(body).error;
+    } catch {
+      // not one of our answers: report the status alone
+    }
+    throw new Error(typeof message === "string" ? message : `${what}: HTTP ${response.status}`);
   }
-  throw new Error(typeof message === "string" ? message : `${what}: HTTP ${response.status}`);
+
+  /** Every waiting client, a page at a time: the cursor is followed until no `next`. */
+  async *clients(): AsyncGenerator<ControlClient[]> {
+    let after = 0;
+    for (;;) {
+      const page: ControlClientsPage = JSON.parse(
+        await this.request("GET", `/clients?limit=${MAX_LISTING_PAGE}&after=${after}`),
+      );
+      if (page.clients.length > 0) yield page.clients;
+      if (page.next === undefined) return;
+      after = page.next;
+    }
+  }
+
+  [Symbol.dispose](): void {
+    this.#client.close();
+  }
 }
 
 /** `12.3s`, `5m02s`, `3h07m`, `2d04h`: short enough for a table column. */
@@ -119,19 +148,46 @@ function formatStatus(status: ControlStatus): string {
   ]);
 }
 
-function formatClients(clients: ControlClient[]): string {
-  if (clients.length === 0) return "no clients waiting";
-  return table([
-    ["ID", "MODE", "WAITING", "PID", "UID", "KEY"],
-    ...clients.map((client) => [
-      String(client.id),
-      client.mode,
-      formatDuration(client.waitingSeconds),
-      String(client.pid),
-      String(client.uid),
-      `"${client.key}"`,
-    ]),
-  ]);
+/**
+ * Columns of the clients table: fixed widths, because the rows arrive a page
+ * at a time and are printed as they come (a wider cell just shifts its row).
+ */
+const CLIENT_COLUMNS = [["ID", 7], ["MODE", 6], ["WAITING", 7], ["PID", 7], ["UID", 6], [
+  "KEY",
+  0,
+]] as const;
+
+function clientRow(cells: string[]): string {
+  return cells.map((cell, i) => cell.padEnd(CLIENT_COLUMNS[i][1])).join("  ").trimEnd();
+}
+
+/**
+ * Prints every waiting client, a page at a time: as a table, or as one JSON
+ * document (pages on lines of their own; JSON allows the line breaks).
+ */
+async function printClients(api: ControlApi, json: boolean): Promise<void> {
+  let printed = 0;
+  for await (const page of api.clients()) {
+    const rows = json
+      ? page.map((client) => JSON.stringify(client)).join(",")
+      : page.map((client) =>
+        clientRow([
+          String(client.id),
+          client.mode,
+          formatDuration(client.waitingSeconds),
+          String(client.pid),
+          String(client.uid),
+          `"${client.key}"`,
+        ])
+      ).join("\n");
+    const opening = json
+      ? '{"clients":['
+      : clientRow(CLIENT_COLUMNS.map(([title]) => title)) + "\n";
+    console.log((printed === 0 ? opening : json ? "," : "") + rows);
+    printed += page.length;
+  }
+  if (json) console.log(printed === 0 ? '{"clients":[]}' : "]}");
+  else if (printed === 0) console.log("no clients waiting");
 }
 
 /** Runs `one-socket ctl` with `args`; resolves to the exit code. */
@@ -160,24 +216,22 @@ export function runCtl(args: string[]): Promise<number> {
     if (values.json && (command === "kick" || command === "metrics")) {
       throw new UsageError(`--json applies to status and clients, not ${command}`);
     }
-    const path = resolveControlPath(values.control);
+    using api = new ControlApi(resolveControlPath(values.control));
     switch (command) {
       case "status": {
-        const body = await request(path, "GET", "/status");
+        const body = await api.request("GET", "/status");
         console.log(values.json ? body : formatStatus(JSON.parse(body)));
         break;
       }
-      case "clients": {
-        const body = await request(path, "GET", "/clients");
-        console.log(values.json ? body : formatClients(JSON.parse(body).clients));
+      case "clients":
+        await printClients(api, values.json);
         break;
-      }
       case "kick":
-        await request(path, "DELETE", `/clients/${encodeURIComponent(operands[0])}`);
+        await api.request("DELETE", `/clients/${encodeURIComponent(operands[0])}`);
         console.log(`disconnected client ${operands[0]}`);
         break;
       case "metrics":
-        console.log((await request(path, "GET", "/metrics")).trimEnd());
+        console.log((await api.request("GET", "/metrics")).trimEnd());
         break;
     }
     return 0;

@@ -287,6 +287,39 @@ Deno.test(`control: /clients pages through ${WAITERS} waiters exactly once while
   });
 });
 
+Deno.test("ctl clients follows the cursor and prints every page", async () => {
+  await withScope(async (scope) => {
+    const control = `${scope.dir}/broker.socket.control`;
+    await startWithControl(scope, control);
+    const count = 1500; // more than one page of the largest size
+    const waiters: UnixSocket[] = [];
+    try {
+      for (let i = 0; i < count; i++) waiters.push(await waitOn(scope.socket, `ctl-${i}`));
+      using http = new ControlHttp(control);
+      const deadline = Date.now() + 10_000;
+      while (Date.now() < deadline) {
+        if ((await http.json<ControlStatus>("/status")).counts.waiting === count) break;
+      }
+      const ctl = (args: string[]) =>
+        scope.spawn(["ctl", "clients", "--control", control, ...args]).finish();
+      const [table, json] = await Promise.all([ctl([]), ctl(["--json"])]);
+      assert.equal(table.code, 0, table.stderr);
+      const lines = new TextDecoder().decode(table.stdout).trimEnd().split("\n");
+      assert.match(lines[0], /^ID +MODE +WAITING +PID +UID +KEY$/);
+      assert.equal(lines.length, count + 1);
+      assert.equal(json.code, 0, json.stderr);
+      const { clients } = JSON.parse(new TextDecoder().decode(json.stdout));
+      assert.equal(clients.length, count);
+      assert.deepEqual(
+        new Set(clients.map((client: { key: string }) => client.key)),
+        new Set(Array.from({ length: count }, (_, i) => `ctl-${i}`)),
+      );
+    } finally {
+      waiters.forEach((socket) => socket.close());
+    }
+  });
+});
+
 /** Runs `one-socket broker` under `umask 0`: whatever the file mode is, the umask did not make it. */
 function spawnUnderUmaskZero(scope: Scope, control: string): Cli {
   return scope.spawn(["broker", "--socket", scope.socket, "--control", control], {
