@@ -160,7 +160,10 @@ function status(broker: Broker, control: string): Answer {
 function wholeNumber(name: string, text: string, min: number, max: number): number {
   const value = /^[0-9]{1,16}$/.test(text) ? Number(text) : NaN;
   if (!(value >= min && value <= max)) {
-    throw new HttpError(400, `${name} must be a whole number from ${min} to ${max}, not "${text}"`);
+    throw new HttpError(
+      400,
+      `${name} must be a whole number from ${min} to ${max}, not "${text.slice(0, 40)}"`,
+    );
   }
   return value;
 }
@@ -174,7 +177,7 @@ function listingPage(query: URLSearchParams): { limit: number; after: number } {
     if (name === "limit") page.limit = wholeNumber(name, values[0], 1, MAX_LISTING_PAGE);
     else if (name === "after") {
       page.after = wholeNumber(name, values[0], 0, Number.MAX_SAFE_INTEGER);
-    } else throw new HttpError(400, `unknown parameter ${name} (use limit and after)`);
+    } else throw new HttpError(400, `unknown parameter ${name.slice(0, 40)} (use limit and after)`);
   }
   return page;
 }

@@ -98,8 +98,8 @@ class HttpConnection {
 }
 
 /**
- * An HTTP server on a Unix socket with a connection limit and a deadline per
- * exchange; see the module documentation.
+ * An HTTP server on a Unix socket with a connection limit, one request per
+ * connection and a deadline for each; see the module documentation.
  *
  * @example Serve "ok" on a socket, ask it once, stop
  * ```ts
@@ -141,7 +141,7 @@ export class UnixHttpServer implements AsyncDisposable {
     this.#fileIdentity = fileIdentity(options.path);
     this.#http = http.createServer({ maxHeaderSize: MAX_HEADER_BYTES });
     this.#http.on("request", (request, response) => this.#onRequest(request, response, handle));
-    this.#http.on("clientError", (error, socket) => answerClientError(error, socket));
+    this.#http.on("clientError", (error, socket) => this.#onClientError(error, socket));
     this.#listenWatch = Reactor.instance().watch(listener.fd, EPOLLIN, () => this.#acceptAll());
   }
 
@@ -166,11 +166,6 @@ export class UnixHttpServer implements AsyncDisposable {
       listener = listenUnix(path, BACKLOG, { mode: SOCKET_MODE });
     }
     return new UnixHttpServer(options, listener, handle);
-  }
-
-  /** Connections open now. */
-  get connections(): number {
-    return this.#connections.size;
   }
 
   /** Stops accepting, closes every connection and removes the socket file. */
@@ -333,6 +328,18 @@ export class UnixHttpServer implements AsyncDisposable {
     if (this.#queue.length === 1) setImmediate(this.#drainQueue);
   }
 
+  #onClientError(error: Error & { code?: string }, socket: net.Socket | unknown): void {
+    if (!(socket instanceof net.Socket)) return;
+    // After a request, the answer owns the bytes on the wire: ours would be spliced into it.
+    if (
+      error.code === "ECONNRESET" || !socket.writable || this.#connections.get(socket)?.requested
+    ) {
+      socket.destroy();
+      return;
+    }
+    answerClientError(error, socket);
+  }
+
   /**
    * Answers the oldest queued request, and leaves the next for a later turn
    * of the event loop: requests that arrive together are answered one per
@@ -380,15 +387,11 @@ export function sendJson(
 }
 
 /**
- * A request node:http could not parse: answer in our JSON form and close. An
- * unknown method (`constructor`, say) is 501, an oversized head 431, the rest 400.
+ * A request node:http could not parse: answered in our JSON form, then the
+ * connection ends. An unknown method (`constructor`, say) is 501, an
+ * oversized head 431, the rest 400.
  */
-function answerClientError(error: Error & { code?: string }, socket: net.Socket | unknown): void {
-  if (!(socket instanceof net.Socket)) return;
-  if (error.code === "ECONNRESET" || !socket.writable) {
-    socket.destroy();
-    return;
-  }
+function answerClientError(error: Error & { code?: string }, socket: net.Socket): void {
   const [status, reason, message] = error.code === "HPE_HEADER_OVERFLOW"
     ? [431, "Request Header Fields Too Large", "request head too large"]
     : unknownMethod(error)
@@ -397,7 +400,7 @@ function answerClientError(error: Error & { code?: string }, socket: net.Socket 
   const body = JSON.stringify({ error: message });
   socket.end(
     `HTTP/1.1 ${status} ${reason}\r\ncontent-type: application/json\r\n` +
-      `content-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`,
+      `content-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
   );
 }
 

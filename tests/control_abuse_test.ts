@@ -353,3 +353,24 @@ Deno.test("control: the socket file is created 0600 whatever the umask; another 
     assert.equal(other.code, 7, "curl as nobody: cannot connect");
   });
 });
+
+Deno.test("broker: control limits are checked; the connections must fit in half the descriptor reserve", async () => {
+  await withScope(async (scope) => {
+    const control = `${scope.dir}/broker.socket.control`;
+    const broker = (args: string[], descriptorLimit?: number) =>
+      scope.spawn(["broker", "--socket", scope.socket, "--control", control, ...args], {
+        descriptorLimit,
+      }).finish();
+    const refused: [string[], number | undefined, RegExp][] = [
+      // Under 128 descriptors the reserve is 32: 16 control connections at most.
+      [["--control-max-connections", "17"], 128, /more than half the 32 descriptors.*at most 16/],
+      [["--control-max-connections", "0"], undefined, /whole number from 1/],
+      [["--control-timeout", "0"], undefined, /--control-timeout takes a positive number/],
+    ];
+    const runs = await Promise.all(refused.map(([args, limit]) => broker(args, limit)));
+    refused.forEach(([args, , reason], i) => {
+      assert.equal(runs[i].code, 2, `${args.join(" ")}: ${runs[i].stderr}`);
+      assert.match(runs[i].stderr, reason);
+    });
+  });
+});
