@@ -13,9 +13,19 @@ import {
   getTextFormatter,
   jsonLinesFormatter,
   type LogLevel,
+  type LogRecord,
   parseLogLevel,
 } from "@logtape/logtape";
-import { parseCommandLine, runCommand, seconds, UsageError } from "../client/command_line.ts";
+import {
+  exitCodeOf,
+  failureMessage,
+  type FailureReporter,
+  parseCommandLine,
+  runCommand,
+  seconds,
+  stderrReporter,
+  UsageError,
+} from "../client/command_line.ts";
 import { guardFallbackDirectory, resolveSocketPath } from "../client/socket_path.ts";
 import { countOpenDescriptors, raiseDescriptorLimit } from "../ffi/process.ts";
 import { Reactor } from "../ffi/reactor.ts";
@@ -106,6 +116,31 @@ async function configureLogging(level: LogLevel, format: string, file?: string):
 
 const logger = getLogger(["one-socket", "broker"]);
 
+/**
+ * A failure as a log record. A usage error's record points to --help instead
+ * of carrying the usage: thirty lines of text are not one JSON log line.
+ */
+function fatalRecord(message: string, usage?: string): Omit<LogRecord, "category"> {
+  const text = usage === undefined ? message : `${message} (see one-socket broker --help)`;
+  return {
+    level: "fatal",
+    message: [text],
+    rawMessage: text,
+    timestamp: Date.now(),
+    properties: {},
+  };
+}
+
+/**
+ * Under --log-format json, a failure before the log is open (a usage error,
+ * a log file that cannot be opened, the wait of --daemon) is a JSON line on
+ * stderr; once the log is open, runBroker logs it there instead.
+ */
+const reportJson: FailureReporter = (message, usage) => {
+  const line = jsonLinesFormatter({ category: logger.category, ...fatalRecord(message, usage) });
+  console.error(line.trimEnd());
+};
+
 /** How long the broker's loop waits on its own thread after activity (see Reactor.setLinger). */
 const DAEMON_LINGER_MS = 2;
 
@@ -151,6 +186,8 @@ function serviceStatus(broker: Broker): string {
 
 /** Runs `one-socket broker` with `args`; resolves to the exit code once shut down. */
 export function runBroker(args: string[]): Promise<number> {
+  // Text until --log-format json has been read.
+  let report = stderrReporter("broker");
   return runCommand("broker", BROKER_USAGE, async () => {
     const { values, positionals } = parseCommandLine(args, {
       socket: { type: "string" },
@@ -187,6 +224,7 @@ export function runBroker(args: string[]): Promise<number> {
     if (format !== "text" && format !== "json") {
       throw new UsageError(`unknown log format ${format} (text or json)`);
     }
+    if (format === "json") report = reportJson;
     const controlTimeoutMs = seconds("--control-timeout", values["control-timeout"]) * 1000;
     const controlConnections = values["control-max-connections"];
     const handshakeTimeoutMs = seconds("--handshake-timeout", values["handshake-timeout"]) * 1000;
@@ -210,8 +248,10 @@ export function runBroker(args: string[]): Promise<number> {
       return 0;
     }
     using notifier = ServiceNotifier.fromEnvironment(Deno.env.toObject(), Deno.pid);
+    let logOpen = false;
     try {
       await configureLogging(level, format, values["log-file"]);
+      logOpen = true;
       const limit = raiseDescriptorLimit();
       const controlMaxConnections = controlConnectionLimit(limit.soft, controlConnections);
       // Listening for signals from the start: a stop while starting, or right after
@@ -268,9 +308,13 @@ export function runBroker(args: string[]): Promise<number> {
       return 0;
     } catch (error) {
       notifier.failed(error);
-      throw error;
+      if (format === "text" || !logOpen) throw error;
+      // Into the log file, when there is one, while it is open: dispose() closes it.
+      const usage = error instanceof UsageError ? BROKER_USAGE : undefined;
+      logger.emit(fatalRecord(failureMessage(error), usage));
+      return exitCodeOf(error);
     } finally {
       await dispose();
     }
-  });
+  }, (message, usage) => report(message, usage));
 }

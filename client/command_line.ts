@@ -92,24 +92,52 @@ export function parseCommandLine<T extends ParseArgsConfig["options"]>(
   }
 }
 
+/** The exit code for a command that failed with `error`. */
+export function exitCodeOf(error: unknown): number {
+  if (error instanceof UsageError) return EXIT_USAGE;
+  return error instanceof ExitError ? error.exitCode : EXIT_FAILURE;
+}
+
+/** The one line that says why a command failed. */
+export function failureMessage(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+/** How a command's failure is printed: `message` is its one line; `usage` comes with a usage error. */
+export type FailureReporter = (message: string, usage?: string) => void;
+
+/** The usual {@link FailureReporter}: `one-socket NAME: message`, then any usage, on stderr. */
+export function stderrReporter(name: string): FailureReporter {
+  return (message, usage) =>
+    console.error(`one-socket ${name}: ${message}${usage === undefined ? "" : `\n\n${usage}`}`);
+}
+
 /**
  * Runs a subcommand: a {@link UsageError} prints the message and `usage` and
- * exits 2; any other error prints one line and exits 1, or with an {@link ExitError}'s code.
+ * exits 2; any other error prints one line and exits 1, or with an
+ * {@link ExitError}'s code. `report` prints them elsewhere or otherwise (the
+ * broker's JSON log, say).
+ *
+ * @example
+ * ```ts
+ * import { runCommand, UsageError } from "./command_line.ts";
+ * const code = await runCommand("demo", "Usage: one-socket demo", () => {
+ *   throw new UsageError("missing KEY");
+ * });
+ * console.log(code); // 2
+ * ```
  */
 export async function runCommand(
   name: string,
   usage: string,
   body: () => Promise<number>,
+  report: FailureReporter = stderrReporter(name),
 ): Promise<number> {
   try {
     return await body();
   } catch (error) {
-    if (error instanceof UsageError) {
-      console.error(`one-socket ${name}: ${error.message}\n\n${usage}`);
-      return EXIT_USAGE;
-    }
-    console.error(`one-socket ${name}: ${error instanceof Error ? error.message : error}`);
-    return error instanceof ExitError ? error.exitCode : EXIT_FAILURE;
+    report(failureMessage(error), error instanceof UsageError ? usage : undefined);
+    return exitCodeOf(error);
   }
 }
 

@@ -44,6 +44,17 @@ function lines(text: string): string[] {
   return text.split("\n").filter((line) => line.trim() !== "");
 }
 
+/** Every line of `text` as a JSON log record; fails on a line that is not one. */
+function jsonRecords(text: string): Record<string, unknown>[] {
+  return lines(text).map((line) => {
+    try {
+      return JSON.parse(line) as Record<string, unknown>;
+    } catch {
+      return assert.fail(`not a JSON line: ${line}`);
+    }
+  });
+}
+
 interface Peer {
   /** Arguments after `pair`. */
   args: string[];
@@ -375,13 +386,7 @@ Deno.test("cli: --log-format json writes one JSON object per stderr line", async
       "the broker's stdout must stay empty: its log goes to stderr",
     );
     assert.ok(done.stderr.endsWith("\n"), `stderr ends with a newline:\n${done.stderr}`);
-    const records = lines(done.stderr).map((line) => {
-      try {
-        return JSON.parse(line) as Record<string, unknown>;
-      } catch {
-        return assert.fail(`not a JSON line: ${line}`);
-      }
-    });
+    const records = jsonRecords(done.stderr);
     for (const record of records) {
       assert.equal(typeof record.message, "string");
       assert.equal(typeof record.level, "string");
@@ -400,6 +405,59 @@ Deno.test("cli: --log-format json writes one JSON object per stderr line", async
     );
   });
 });
+
+Deno.test("cli: under --log-format json, fatal start-up errors are JSON records too", () =>
+  withScope(async (scope) => {
+    const policy = `${scope.dir}/policy.json`;
+    await Deno.writeTextFile(policy, "{");
+    const logFile = `${scope.dir}/broker.log`;
+    const json = ["--log-format", "json"];
+    // A bad policy, with a log file: the record goes to the file, nothing to stderr.
+    const badPolicy = await scope.spawn(
+      ["broker", "--socket", scope.socket, ...json, "--policy", policy, "--log-file", logFile],
+    ).finish();
+    assert.equal(badPolicy.code, 1, badPolicy.stderr);
+    assert.equal(badPolicy.stderr, "");
+    const [logged, ...more] = jsonRecords(await Deno.readTextFile(logFile));
+    assert.deepEqual(more, []);
+    assert.equal(logged.level, "FATAL");
+    assert.equal(logged.logger, "one-socket.broker");
+    assert.match(logged.message as string, /policy\.json: not valid JSON/);
+
+    // An occupied socket, without a log file: stderr holds only JSON lines.
+    const first = await startBroker(scope);
+    const occupied = await scope.spawn(["broker", "--socket", scope.socket, ...json]).finish();
+    assert.equal(occupied.code, 1, occupied.stderr);
+    const records = jsonRecords(occupied.stderr);
+    assert.equal(records.at(-1)?.level, "FATAL");
+    assert.match(records.at(-1)?.message as string, /already listening/);
+    await stopBroker(first, scope.socket, "SIGTERM");
+
+    // Failures before the log is open: a usage error (after the format is known) and a
+    // log file that cannot be opened are one JSON line on stderr.
+    const usage = await scope.spawn(
+      ["broker", "--socket", scope.socket, ...json, "--handshake-timeout", "0"],
+    ).finish();
+    assert.equal(usage.code, 2);
+    const unopened = await scope.spawn(
+      ["broker", "--socket", scope.socket, ...json, "--log-file", scope.dir],
+    ).finish();
+    assert.equal(unopened.code, 1);
+    for (
+      const [done, message] of [
+        [
+          usage,
+          "--handshake-timeout takes a positive number of seconds, not 0 (see one-socket broker --help)",
+        ],
+        [unopened, `open ${scope.dir}: EISDIR (is a directory)`],
+      ] as const
+    ) {
+      const [record, ...others] = jsonRecords(done.stderr);
+      assert.deepEqual(others, [], done.stderr);
+      assert.equal(record.level, "FATAL");
+      assert.equal(record.message, message);
+    }
+  }));
 
 Deno.test("cli: a plain broker survives SIGHUP (its default action would kill it)", () =>
   withScope(async (scope) => {
