@@ -18,7 +18,7 @@ import { type Cli, MOD, PERMISSIONS, type Scope, withScope } from "./processes.t
 const GET_STATUS = "GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n";
 
 /** Connects and sends a complete request; the socket then waits for its pair. */
-async function waitOn(path: string, key: string): Promise<UnixSocket> {
+async function waitOn(path: string, key: string | Uint8Array): Promise<UnixSocket> {
   const socket = await connectUnix(path);
   const request = encodeGetPair(key, "server") as Uint8Array<ArrayBuffer>;
   assert.equal(sendFrom(socket.fd, request), request.length);
@@ -54,6 +54,37 @@ async function assertNoLeak(broker: Cli, baseline: number): Promise<void> {
     () => countOpenDescriptors(broker.pid) === baseline,
     `the broker's descriptors to return to ${baseline} (now ${countOpenDescriptors(broker.pid)})`,
   );
+}
+
+/**
+ * Follows the `/clients` cursor from the start with `limit`; checks that ids
+ * ascend, that each page is bounded in count and size, and that the walk ends
+ * (within `expected` pages at most). Resolves to the keys in order.
+ */
+async function walkClients(
+  http: ControlHttp,
+  limit: number,
+  expected: number,
+): Promise<{ keys: string[]; keysHex: string[]; pages: number }> {
+  const keys: string[] = [];
+  const keysHex: string[] = [];
+  let after = 0;
+  for (let pages = 1;; pages++) {
+    assert.ok(pages <= expected, `page ${pages}: the cursor does not end`);
+    const answer = await http.send("GET", `/clients?limit=${limit}&after=${after}`);
+    assert.equal(answer.status, 200, answer.text);
+    assert.ok(answer.text.length < 270_000, `a page of ${answer.text.length} bytes`);
+    const page: ControlClientsPage = JSON.parse(answer.text);
+    assert.ok(page.clients.length <= limit);
+    for (const client of page.clients) {
+      assert.ok(client.id > after, `id ${client.id} after ${after}: not ascending`);
+      after = client.id;
+      keys.push(client.key);
+      keysHex.push(client.keyHex);
+    }
+    if (page.next === undefined) return { keys, keysHex, pages };
+    assert.equal(page.next, after);
+  }
 }
 
 /** Pairs two fresh clients on `key`; resolves to the milliseconds it took. */
@@ -209,23 +240,8 @@ Deno.test(`control: /clients pages through ${WAITERS} waiters exactly once while
       using http = new ControlHttp(control);
       await eventually(() => countOpenDescriptors(broker.pid) >= baseline + WAITERS, "waiters");
 
-      const keys: string[] = [];
-      let after = 0;
-      for (let pages = 1;; pages++) {
-        assert.ok(pages <= Math.ceil(WAITERS / 700), `page ${pages}: the cursor does not end`);
-        const answer = await http.send("GET", `/clients?limit=700&after=${after}`);
-        assert.equal(answer.status, 200, answer.text);
-        assert.ok(answer.text.length < 700 * 400, `a page of ${answer.text.length} bytes`);
-        const page: ControlClientsPage = JSON.parse(answer.text);
-        assert.ok(page.clients.length <= 700);
-        for (const client of page.clients) {
-          assert.ok(client.id > after, `id ${client.id} after ${after}: not ascending`);
-          after = client.id;
-          keys.push(client.key);
-        }
-        if (page.next === undefined) break;
-        assert.equal(page.next, after);
-      }
+      const { keys, pages } = await walkClients(http, 700, WAITERS);
+      assert.equal(pages, Math.ceil(WAITERS / 700));
       assert.equal(keys.length, WAITERS);
       assert.equal(new Set(keys).size, WAITERS, "a waiter was listed twice");
       assert.ok(keys.every((key) => /^page-\d+$/.test(key)));
@@ -284,6 +300,32 @@ Deno.test(`control: /clients pages through ${WAITERS} waiters exactly once while
       waiters.forEach((socket) => socket.close());
     }
     await assertNoLeak(broker, baseline);
+  });
+});
+
+Deno.test("control: a page of long keys stops at about 256 KiB, and the cursor still lists every waiter once", async () => {
+  await withScope(async (scope) => {
+    const control = `${scope.dir}/broker.socket.control`;
+    const broker = await startWithControl(scope, control);
+    const count = 400; // 1024-byte keys, not one printable: 2.9 KB each in the answer
+    const waiters: UnixSocket[] = [];
+    const expected = new Set<string>();
+    try {
+      for (let i = 0; i < count; i++) {
+        const key = new Uint8Array(1024).fill(0xff);
+        new DataView(key.buffer).setUint32(0, i);
+        expected.add(key.toHex());
+        waiters.push(await waitOn(scope.socket, key));
+      }
+      await eventually(() => countOpenDescriptors(broker.pid) > count, "the waiters");
+      using http = new ControlHttp(control);
+      const { keysHex, pages } = await walkClients(http, 1000, count);
+      assert.ok(pages > 1, "one page held every long key");
+      assert.deepEqual(new Set(keysHex), expected);
+      assert.equal(keysHex.length, count, "a waiter was listed twice");
+    } finally {
+      waiters.forEach((socket) => socket.close());
+    }
   });
 });
 
