@@ -191,7 +191,7 @@ Deno.test("cli: broker and pair use ONE_SOCKET_PATH when --socket is absent", as
   });
 });
 
-// --- 4. a second broker on the same path ---------------------------------------------------------
+// --- 3. a second broker on the same path ---------------------------------------------------------
 
 Deno.test("cli: a second broker on a live socket exits 1; the first keeps serving", async () => {
   await withScope(async (scope) => {
@@ -211,7 +211,7 @@ Deno.test("cli: a second broker on a live socket exits 1; the first keeps servin
   });
 });
 
-// --- 5. a stale socket file --------------------------------------------------------------------
+// --- 4. a stale socket file --------------------------------------------------------------------
 
 Deno.test("cli: a stale socket file (broker SIGKILLed) is replaced", async () => {
   await withScope(async (scope) => {
@@ -238,7 +238,7 @@ Deno.test("cli: a stale socket file (broker SIGKILLed) is replaced", async () =>
   });
 });
 
-// --- 6. a path that is not a socket ------------------------------------------------------------
+// --- 5. a path that is not a socket ------------------------------------------------------------
 
 Deno.test("cli: broker refuses a regular file or a directory at its path", async () => {
   await withScope(async (scope) => {
@@ -281,7 +281,7 @@ Deno.test("cli: pair pointed at a regular file or a directory says what is there
     });
   }));
 
-// --- 7. no broker ------------------------------------------------------------------------------
+// --- 6. no broker ------------------------------------------------------------------------------
 
 Deno.test("cli: pair without a broker fails with one line naming ENOENT and the path", async () => {
   await withScope(async (scope) => {
@@ -301,7 +301,7 @@ Deno.test("cli: pair without a broker fails with one line naming ENOENT and the 
   });
 });
 
-// --- 8. usage, help, version -------------------------------------------------------------------
+// --- 7. usage, help, version -------------------------------------------------------------------
 
 Deno.test("cli: usage errors exit 2 with a usage message", async () => {
   await withScope(async (scope) => {
@@ -372,7 +372,7 @@ Deno.test("cli: --version, help and --help exit 0 on stdout", async () => {
   });
 });
 
-// --- 9. JSON logs ------------------------------------------------------------------------------
+// --- 8. JSON logs ------------------------------------------------------------------------------
 
 Deno.test("cli: --log-format json writes one JSON object per stderr line", async () => {
   await withScope(async (scope) => {
