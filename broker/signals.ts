@@ -95,8 +95,7 @@ export interface BrokerSignals extends Disposable {
  */
 export function handleBrokerSignals(status: () => string): BrokerSignals {
   let stopped: Deno.Signal | undefined;
-  let resolveStop!: (signal: Deno.Signal) => void;
-  const stop = new Promise<Deno.Signal>((resolve) => resolveStop = resolve);
+  const { promise: stop, resolve: resolveStop } = Promise.withResolvers<Deno.Signal>();
   const listeners = new Map<Deno.Signal, () => void>();
   for (const signal of STOP_SIGNALS) {
     listeners.set(signal, () => {
