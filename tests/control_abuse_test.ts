@@ -149,6 +149,36 @@ Deno.test("control: a full broker survives 60 idle control connections and still
   });
 });
 
+Deno.test("control: out of descriptors, the control server pauses, logs once, and answers when some are free", async () => {
+  await withScope(async (scope) => {
+    const control = `${scope.dir}/broker.socket.control`;
+    const script = new URL("./control_emfile_broker.ts", import.meta.url).pathname;
+    // No capacity of its own: the kernel's EMFILE is what stops it accepting.
+    const broker = scope.spawn([scope.socket, control], {
+      command: [Deno.execPath(), "run", "-A", script],
+      descriptorLimit: 64,
+    });
+    await broker.waitForOutput("listening");
+    const crowd: UnixSocket[] = [];
+    try {
+      for (let i = 0; i < 80; i++) crowd.push(await waitOn(scope.socket, `emfile-${i}`));
+      await broker.waitForOutput("EMFILE");
+      using waiting = await RawHttp.connect(control);
+      await waiting.send(GET_STATUS);
+      await broker.waitForOutput("control socket");
+      assert.match(broker.output, /control socket .*accept4: EMFILE.*retrying every 100 ms/);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      assert.ok(!broker.exited, `the broker died out of descriptors:\n${broker.output}`);
+      assert.equal(broker.output.match(/control socket .*EMFILE/g)?.length, 1, "logged once");
+      crowd.splice(0).forEach((socket) => socket.close());
+      assert.equal((await waiting.answer()).status, 200, "the request that waited is answered");
+      await broker.waitForOutput("accepting again");
+    } finally {
+      crowd.forEach((socket) => socket.close());
+    }
+  });
+});
+
 Deno.test("control: silent, half-sent and trickled control connections are closed after --control-timeout", async () => {
   await withScope(async (scope) => {
     const control = `${scope.dir}/broker.socket.control`;

@@ -1,0 +1,28 @@
+/**
+ * A broker with no capacity of its own and a control API, for tests of the
+ * control server when the process is out of descriptors: run it under a
+ * low `ulimit -n`. It prints `listening` once both sockets serve, and its
+ * log (warnings and up) on stderr, until SIGTERM.
+ *
+ * usage: deno run -A tests/control_emfile_broker.ts SOCKET_PATH CONTROL_PATH
+ */
+
+import { configure, getConsoleSink } from "@logtape/logtape";
+import { Broker } from "../broker/broker.ts";
+import { serveControl } from "../broker/control.ts";
+import { raiseDescriptorLimit } from "../ffi/process.ts";
+
+await configure({
+  sinks: { console: getConsoleSink() },
+  loggers: [{ category: ["one-socket"], lowestLevel: "info", sinks: ["console"] }],
+});
+raiseDescriptorLimit();
+const [path, controlPath] = Deno.args;
+const broker = await Broker.listen({ path });
+const control = await serveControl(broker, controlPath);
+console.log("listening");
+Deno.addSignalListener("SIGTERM", async () => {
+  await control.close();
+  await broker.close();
+  Deno.exit(0);
+});
