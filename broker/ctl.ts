@@ -148,17 +148,16 @@ function formatStatus(status: ControlStatus): string {
   ]);
 }
 
+/** Titles of the clients table's columns. */
+const CLIENT_TITLES = ["ID", "MODE", "WAITING", "PID", "UID", "KEY"];
 /**
- * Columns of the clients table: fixed widths, because the rows arrive a page
- * at a time and are printed as they come (a wider cell just shifts its row).
+ * Widths of the columns before KEY: fixed, because the rows arrive a page at
+ * a time and are printed as they come (a wider cell just shifts its row).
  */
-const CLIENT_COLUMNS = [["ID", 7], ["MODE", 6], ["WAITING", 7], ["PID", 7], ["UID", 6], [
-  "KEY",
-  0,
-]] as const;
+const CLIENT_WIDTHS = [7, 6, 7, 7, 6];
 
 function clientRow(cells: string[]): string {
-  return cells.map((cell, i) => cell.padEnd(CLIENT_COLUMNS[i][1])).join("  ").trimEnd();
+  return cells.map((cell, i) => cell.padEnd(CLIENT_WIDTHS[i] ?? 0)).join("  ").trimEnd();
 }
 
 /**
@@ -180,9 +179,7 @@ async function printClients(api: ControlApi, json: boolean): Promise<void> {
           `"${client.key}"`,
         ])
       ).join("\n");
-    const opening = json
-      ? '{"clients":['
-      : clientRow(CLIENT_COLUMNS.map(([title]) => title)) + "\n";
+    const opening = json ? '{"clients":[' : clientRow(CLIENT_TITLES) + "\n";
     console.log((printed === 0 ? opening : json ? "," : "") + rows);
     printed += page.length;
   }
