@@ -73,7 +73,7 @@ async function walkClients(
     assert.ok(pages <= expected, `page ${pages}: the cursor does not end`);
     const answer = await http.send("GET", `/clients?limit=${limit}&after=${after}`);
     assert.equal(answer.status, 200, answer.text);
-    assert.ok(answer.text.length < 270_000, `a page of ${answer.text.length} bytes`);
+    assert.ok(answer.text.length < 70_000, `a page of ${answer.text.length} bytes`);
     const page: ControlClientsPage = JSON.parse(answer.text);
     assert.ok(page.clients.length <= limit);
     for (const client of page.clients) {
@@ -271,7 +271,7 @@ Deno.test(`control: /clients pages through ${WAITERS} waiters exactly once while
       await eventually(() => countOpenDescriptors(broker.pid) >= baseline + WAITERS, "waiters");
 
       const { keys, pages } = await walkClients(http, 700, WAITERS);
-      assert.equal(pages, Math.ceil(WAITERS / 700));
+      assert.ok(pages >= Math.ceil(WAITERS / 700), `${pages} pages of at most 700`);
       assert.equal(keys.length, WAITERS);
       assert.equal(new Set(keys).size, WAITERS, "a waiter was listed twice");
       assert.ok(keys.every((key) => /^page-\d+$/.test(key)));
@@ -333,7 +333,7 @@ Deno.test(`control: /clients pages through ${WAITERS} waiters exactly once while
   });
 });
 
-Deno.test("control: a page of long keys stops at about 256 KiB, and the cursor still lists every waiter once", async () => {
+Deno.test("control: a page of long keys stops at about 64 KiB, and the cursor still lists every waiter once", async () => {
   await withScope(async (scope) => {
     const control = `${scope.dir}/broker.socket.control`;
     const broker = await startWithControl(scope, control);
