@@ -158,7 +158,7 @@ Deno.test("control: out of descriptors, the control server pauses, logs once, an
       command: [Deno.execPath(), "run", "-A", script],
       descriptorLimit: 64,
     });
-    await broker.waitForOutput("listening");
+    await broker.waitForOutput("both sockets serve");
     const crowd: UnixSocket[] = [];
     try {
       for (let i = 0; i < 80; i++) crowd.push(await waitOn(scope.socket, `emfile-${i}`));

@@ -1,8 +1,8 @@
 /**
  * A broker with no capacity of its own and a control API, for tests of the
  * control server when the process is out of descriptors: run it under a
- * low `ulimit -n`. It prints `listening` once both sockets serve, and its
- * log (warnings and up) on stderr, until SIGTERM.
+ * low `ulimit -n`. It prints `both sockets serve` once they do, and its log
+ * (info and up), until SIGTERM.
  *
  * usage: deno run -A tests/control_emfile_broker.ts SOCKET_PATH CONTROL_PATH
  */
@@ -20,7 +20,7 @@ raiseDescriptorLimit();
 const [path, controlPath] = Deno.args;
 const broker = await Broker.listen({ path });
 const control = await serveControl(broker, controlPath);
-console.log("listening");
+console.log("both sockets serve");
 Deno.addSignalListener("SIGTERM", async () => {
   await control.close();
   await broker.close();
