@@ -43,6 +43,7 @@ export {
   type BrokerStats,
   type ListingPage,
   MAX_LISTING_PAGE,
+  type UidLimits,
   type WaitingClient,
 } from "./broker/broker.ts";
 export {

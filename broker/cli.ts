@@ -29,7 +29,7 @@ import {
 import { guardFallbackDirectory, resolveSocketPath } from "../client/socket_path.ts";
 import { countOpenDescriptors, raiseDescriptorLimit } from "../ffi/process.ts";
 import { Reactor } from "../ffi/reactor.ts";
-import { Broker } from "./broker.ts";
+import { Broker, type UidLimits } from "./broker.ts";
 import { DEFAULT_CONTROL_CONNECTIONS, serveControl } from "./control.ts";
 import { daemonize, DEFAULT_READY_TIMEOUT_MS } from "./daemon.ts";
 import { getFileSink } from "./log_file.ts";
@@ -81,6 +81,12 @@ Options:
   --pair-timeout SECONDS  close a request still unpaired after SECONDS
                        (default: wait forever)
   --max-waiting-per-uid N  most clients of one uid waiting at once (default: no limit)
+  --max-incomplete-per-uid N  most connections of one uid still sending their
+                       request (default 64); more are closed as they come
+  --uid-limit UID:WAITING[:INCOMPLETE]  the two limits above for one uid
+                       (WAITING may be "unlimited"); repeat for more uids.
+                       When full, whoever else comes closes the oldest
+                       connection of the uid holding the most
   --isolate-uids       pair only clients of the same uid
   --policy FILE        access policy (JSON, or TOML if FILE ends in .toml): which
                        uids/gids may use which keys; deny by default; SIGHUP reloads
@@ -160,6 +166,21 @@ function count(flag: string, text: string): number {
   return value;
 }
 
+/** `--uid-limit UID:WAITING[:INCOMPLETE]`. */
+function parseUidLimit(text: string): [number, UidLimits] {
+  const [uid, waiting, incomplete, ...rest] = text.split(":");
+  const flag = `--uid-limit ${text}`;
+  if (
+    !/^\d+$/.test(uid ?? "") || Number(uid) > 0xffffffff || waiting === undefined || rest.length
+  ) {
+    throw new UsageError(`${flag}: expected UID:WAITING[:INCOMPLETE], e.g. 107:5000:128`);
+  }
+  return [Number(uid), {
+    maxWaiting: waiting === "unlimited" ? Infinity : count(flag, waiting),
+    maxIncomplete: incomplete === undefined ? undefined : count(flag, incomplete),
+  }];
+}
+
 /**
  * Most control connections: each holds a descriptor, taken from the reserve,
  * and half of it stays for the logs, a policy reload and the runtime.
@@ -199,6 +220,8 @@ export function runBroker(args: string[]): Promise<number> {
       "handshake-timeout": { type: "string", default: "5" },
       "pair-timeout": { type: "string" },
       "max-waiting-per-uid": { type: "string" },
+      "max-incomplete-per-uid": { type: "string" },
+      "uid-limit": { type: "string", multiple: true },
       "isolate-uids": { type: "boolean", default: false },
       policy: { type: "string" },
       "log-file": { type: "string" },
@@ -236,6 +259,13 @@ export function runBroker(args: string[]): Promise<number> {
     const maxWaitingPerUid = perUid === undefined
       ? undefined
       : count("--max-waiting-per-uid", perUid);
+    const incomplete = values["max-incomplete-per-uid"];
+    const maxIncompletePerUid = incomplete === undefined
+      ? undefined
+      : count("--max-incomplete-per-uid", incomplete);
+    const uidLimits = values["uid-limit"] === undefined
+      ? undefined
+      : new Map(values["uid-limit"].map(parseUidLimit));
     const mode = values["socket-mode"];
     const group = values["socket-group"];
     const access = {
@@ -282,6 +312,8 @@ export function runBroker(args: string[]): Promise<number> {
         handshakeTimeoutMs,
         pairTimeoutMs,
         maxWaitingPerUid,
+        maxIncompletePerUid,
+        uidLimits,
         isolateUids: values["isolate-uids"],
         authorize: policy?.authorize,
         socketAccess: inherited === undefined ? access : undefined,

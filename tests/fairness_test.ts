@@ -123,6 +123,29 @@ Deno.test({
     }),
 });
 
+Deno.test({
+  name: "fairness: --uid-limit sets one uid's limits; a malformed one is a usage error",
+  ignore,
+  fn: () =>
+    withScope(async (scope) => {
+      const { broker } = await openBroker(scope, ["--uid-limit", "65534:1:5"]);
+      const baseline = countOpenDescriptors(broker.pid);
+      await attack(scope, ["silent", "20"]);
+      await attack(scope, ["hold", "3", "limited"]);
+      await broker.waitForOutput("uid 65534 already has 1 clients waiting");
+      // Five silent and one waiting connection held, the rest refused as they come.
+      await eventually(
+        () => countOpenDescriptors(broker.pid) - baseline === 6,
+        "the broker to hold 6 of the attacker's connections",
+      );
+      for (const bad of ["65534", "x:1", "1:0", "1:2:3:4"]) {
+        const refused = await scope.spawn(["broker", "--uid-limit", bad]).finish();
+        assert.equal(refused.code, 2, bad);
+        assert.match(refused.stderr, /--uid-limit/);
+      }
+    }),
+});
+
 /** Runs the C load generator against `socket` and returns pairs per second. */
 async function pairsPerSecond(loadgen: string, socket: string): Promise<number> {
   const { success, stdout, stderr } = await new Deno.Command(loadgen, {
