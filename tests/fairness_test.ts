@@ -5,12 +5,21 @@
  * finding of issue 8 and failed on the broker before its fix.
  */
 import assert from "node:assert/strict";
-import { getPair } from "../client/pair.ts";
+import { BrokerClosedError, getPair } from "../client/pair.ts";
 import { encodeGetPair } from "../client/protocol.ts";
 import { Errno } from "../ffi/errors.ts";
 import { connectUnix, readInto, sendFrom, type UnixSocket } from "../ffi/socket.ts";
 import { buildCProgram, countOpenDescriptors, eventually } from "./helpers.ts";
-import { type Cli, exists, type Scope, sleep, startBroker, withScope } from "./processes.ts";
+import {
+  type Cli,
+  exists,
+  MOD,
+  PERMISSIONS,
+  type Scope,
+  sleep,
+  startBroker,
+  withScope,
+} from "./processes.ts";
 
 /** The attacker's uid: a real second user. */
 const ATTACKER_UID = 65534;
@@ -296,4 +305,64 @@ Deno.test("collisions: 4096 keys crafted against the old hash neither slow filin
     }
     assert.ok(!broker.exited, broker.output);
   });
+});
+
+Deno.test({
+  name:
+    "hoarding: descriptors a client never reads make sends fail with ETOOMANYREFS: named, and both clients told at once",
+  ignore,
+  fn: () =>
+    withScope(async (scope) => {
+      // The kernel refuses SCM_RIGHTS once the sender's user has more descriptors in flight
+      // than its RLIMIT_NOFILE, unless it holds CAP_SYS_RESOURCE or CAP_SYS_ADMIN: drop both.
+      const broker = await startBroker(scope, ["--socket", scope.socket], {
+        descriptorLimit: 64,
+        command: [
+          "setpriv",
+          "--bounding-set=-sys_resource,-sys_admin",
+          "--inh-caps=-sys_resource,-sys_admin",
+          Deno.execPath(),
+          "run",
+          ...PERMISSIONS,
+          MOD,
+        ],
+      });
+      const waiting = await connectUnix(scope.socket);
+      try {
+        const request = encodeGetPair("victim", "server") as Uint8Array<ArrayBuffer>;
+        assert.equal(sendFrom(waiting.fd, request), request.length);
+        // 40 pairings whose replies nobody reads: 80 descriptors in flight, past 64.
+        const hoarder = scope.spawn(["hoard", "40", "hoard"], {
+          command: [hostile!, scope.socket],
+        });
+        await hoarder.waitForOutput("up");
+        await broker.waitForOutput("ETOOMANYREFS (descriptors in flight");
+        // The waiting partner is not taken for gone: the newcomer is closed with it, at once.
+        await assert.rejects(
+          getPair("victim", {
+            socket: scope.socket,
+            mode: "client",
+            signal: AbortSignal.timeout(3000),
+          }),
+          BrokerClosedError,
+        );
+        await eventually(
+          () => readInto(waiting.fd, new Uint8Array(1)) === 0,
+          "the waiting partner to be closed",
+        );
+        hoarder.kill("SIGKILL");
+        await hoarder.finish();
+      } finally {
+        waiting.close();
+      }
+      // Once the hoarder is gone, so are its descriptors in flight.
+      const signal = AbortSignal.timeout(5000);
+      const [a, b] = await Promise.all([
+        getPair("after", { socket: scope.socket, signal }),
+        getPair("after", { socket: scope.socket, signal }),
+      ]);
+      a.close();
+      b.close();
+      assert.ok(!broker.exited, broker.output);
+    }),
 });
