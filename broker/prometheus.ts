@@ -126,7 +126,7 @@ export function renderPrometheus(snapshot: MetricsSnapshot): string {
     byLabel(
       "one_socket_dropped_total",
       "counter",
-      "Connections closed without a pair for another reason (timeouts, limits, policy).",
+      "Connections closed without a pair for another reason (timeouts, limits, shedding, policy).",
       "reason",
       snapshot.dropped,
     ),
