@@ -9,6 +9,7 @@ import { BrokerClosedError, getPair } from "../client/pair.ts";
 import { encodeGetPair } from "../client/protocol.ts";
 import { Errno } from "../ffi/errors.ts";
 import { connectUnix, readInto, sendFrom, type UnixSocket } from "../ffi/socket.ts";
+import { fnvMulticollision } from "./collisions.ts";
 import { buildCProgram, countOpenDescriptors, eventually } from "./helpers.ts";
 import {
   type Cli,
@@ -244,38 +245,10 @@ Deno.test({
     }),
 });
 
-/** The FNV-1a multicollision of tests/matcher_test.ts: keys that all shared one bucket before. */
-function collidingKeys(rounds: number): Uint8Array[] {
-  let state = 0x811c9dc5;
-  const blocks: [Uint8Array, Uint8Array][] = [];
-  let counter = 0;
-  for (let round = 0; round < rounds; round++) {
-    const seen = new Map<number, Uint8Array>();
-    for (;;) {
-      const block = new Uint8Array(new Uint32Array([counter, ~counter++]).buffer);
-      let next = state;
-      for (const byte of block) next = Math.imul(next ^ byte, 0x01000193);
-      next >>>= 0;
-      const earlier = seen.get(next);
-      if (earlier !== undefined) {
-        blocks.push([earlier, block]);
-        state = next;
-        break;
-      }
-      seen.set(next, block);
-    }
-  }
-  return Array.from({ length: 2 ** rounds }, (_, choice) => {
-    const key = new Uint8Array(8 * rounds);
-    blocks.forEach((pair, round) => key.set(pair[(choice >> round) & 1], 8 * round));
-    return key;
-  });
-}
-
 Deno.test("collisions: 4096 keys crafted against the old hash neither slow filing nor pairing", async () => {
   await withScope(async (scope) => {
     const broker = await startBroker(scope);
-    const keys = collidingKeys(12);
+    const keys = fnvMulticollision(12);
     const sockets: UnixSocket[] = [];
     try {
       const started = performance.now();

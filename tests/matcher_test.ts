@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { hashKey, type HashSeed, Matcher, randomSeed } from "../broker/matcher.ts";
 import type { Mode } from "../client/protocol.ts";
+import { fnv1a, fnvMulticollision } from "./collisions.ts";
 
 const bytes = (s: string) => new TextEncoder().encode(s);
 const KEY = bytes("vhost-user-1");
@@ -291,51 +292,6 @@ Deno.test("the bucket hash is HalfSipHash: the reference vectors of HalfSipHash-
     assert.equal(hashKey(message, seed, 2, 4), value & 0x3fffffff, `${n} bytes`);
   });
 });
-
-/** The unkeyed 32-bit FNV-1a state the matcher used to bucket keys by (its low 30 bits). */
-function fnv1a(key: Uint8Array): number {
-  let hash = 0x811c9dc5;
-  for (let i = 0; i < key.length; i++) hash = Math.imul(hash ^ key[i], 0x01000193);
-  return hash >>> 0;
-}
-
-/**
- * The attack on an unkeyed hash: 2^rounds distinct keys with one FNV-1a state.
- * Each round finds two 8-byte blocks that take the state reached so far to
- * the same state (a birthday search); any choice of block per round then
- * gives the same hash (Joux's multicollisions).
- */
-function fnvMulticollision(rounds: number): Uint8Array[] {
-  let state = 0x811c9dc5;
-  const blocks: [Uint8Array, Uint8Array][] = [];
-  const step = (from: number, block: Uint8Array) => {
-    let hash = from;
-    for (const byte of block) hash = Math.imul(hash ^ byte, 0x01000193);
-    return hash >>> 0;
-  };
-  let counter = 0;
-  for (let round = 0; round < rounds; round++) {
-    const seen = new Map<number, Uint8Array>();
-    for (;;) {
-      const block = new Uint8Array(new Uint32Array([counter, ~counter++]).buffer);
-      const next = step(state, block);
-      const earlier = seen.get(next);
-      if (earlier !== undefined) {
-        blocks.push([earlier, block]);
-        state = next;
-        break;
-      }
-      seen.set(next, block);
-    }
-  }
-  const keys: Uint8Array[] = [];
-  for (let choice = 0; choice < 2 ** rounds; choice++) {
-    const key = new Uint8Array(8 * rounds);
-    blocks.forEach((pair, round) => key.set(pair[(choice >> round) & 1], 8 * round));
-    keys.push(key);
-  }
-  return keys;
-}
 
 Deno.test("keys crafted to share the old unkeyed bucket cost what any keys cost", () => {
   const crafted = fnvMulticollision(12);
