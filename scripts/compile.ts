@@ -28,7 +28,7 @@ export const COMPILED_PERMISSIONS: readonly string[] = [
   "--allow-write", // creating, replacing and removing socket files
   "--allow-env", // ONE_SOCKET_PATH and friends; the environment handed to --exec programs
   "--allow-run", // pair --exec; a broker that re-spawns itself as a daemon needs it too
-  "--allow-net", // Deno.serve on a Unix socket path (the control API) asks for it on 2.9.6
+  "--allow-net", // one-socket ctl: fetch over the control socket asks for it on 2.9.6
 ];
 
 const ROOT = fileURLToPath(new URL("..", import.meta.url));
