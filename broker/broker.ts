@@ -519,7 +519,7 @@ export class Broker implements AsyncDisposable {
         return;
       }
       // A partner that has gone away fails before anything was delivered: try the next.
-      if (this.#deliver(found.item, connection, key)) return;
+      if (this.#deliver(found.item, connection)) return;
     }
   }
 
@@ -539,7 +539,7 @@ export class Broker implements AsyncDisposable {
    * when the partner turned out to be gone, so that the newcomer can be
    * matched again; every other outcome ends both clients.
    */
-  #deliver(partner: Connection, newcomer: Connection, key: Uint8Array): boolean {
+  #deliver(partner: Connection, newcomer: Connection): boolean {
     const outcome = this.#delivery.deliver(partner, newcomer);
     const waited = performance.now() - partner.since;
     if (outcome === Delivered.PartnerGone) {
@@ -550,7 +550,8 @@ export class Broker implements AsyncDisposable {
     if (outcome === Delivered.Failed) {
       this.metrics.countDrop("delivery_failed");
       this.#warn("delivery", "no pair for key {key}: {failure}; closed clients {a} and {b}", {
-        key: `"${describeKey(key)}"`,
+        // The partner's key as its client sent it, without a uid scope.
+        key: `"${describeKey(partner.key)}"`,
         failure: this.#delivery.failure,
         a: partner.id,
         b: newcomer.id,
@@ -558,14 +559,14 @@ export class Broker implements AsyncDisposable {
     } else {
       this.metrics.paired++;
       this.metrics.pairWait.observe(waited / 1000);
-      if (this.#debug) this.#logPaired(partner, newcomer, key);
+      if (this.#debug) this.#logPaired(partner, newcomer);
     }
     this.#table.close(partner);
     this.#table.close(newcomer);
     return true;
   }
 
-  #logPaired(partner: Connection, newcomer: Connection, key: Uint8Array): void {
+  #logPaired(partner: Connection, newcomer: Connection): void {
     logger.debug(
       `paired client {a} (pid {pidA}, uid {uidA}) and {b} (pid {pidB}, uid {uidB}) on key "{key}"`,
       {
@@ -575,7 +576,7 @@ export class Broker implements AsyncDisposable {
         b: newcomer.id,
         pidB: newcomer.peer.pid,
         uidB: newcomer.peer.uid,
-        key: describeKey(key),
+        key: describeKey(partner.key),
       },
     );
   }

@@ -4,6 +4,7 @@ import { AccessPolicy } from "../broker/policy.ts";
 import { BrokerClosedError, getPair } from "../client/pair.ts";
 import { encodeGetPair } from "../client/protocol.ts";
 import { buildCProgram, eventually, RawClient, withBroker } from "./helpers.ts";
+import { startBroker, withScope } from "./processes.ts";
 
 /** Another uid to connect as: the tests run as root wherever CI runs them. */
 const OTHER_UID = 65534;
@@ -239,4 +240,24 @@ Deno.test({
       await victim.done;
     }, { authorize: (request) => crossEverything.decide(request), isolateUids: true });
   },
+});
+
+Deno.test("isolate uids: the log names the key as the client sent it, without its uid scope", async () => {
+  await withScope(async (scope) => {
+    const broker = await startBroker(scope, [
+      "--socket",
+      scope.socket,
+      "--isolate-uids",
+      "--log-level",
+      "debug",
+    ]);
+    const signal = AbortSignal.timeout(5000);
+    const pair = await Promise.all([
+      getPair("iso-key", { socket: scope.socket, signal }),
+      getPair("iso-key", { socket: scope.socket, signal }),
+    ]);
+    pair.forEach((socket) => socket.close());
+    await broker.waitForOutput('on key "iso-key"');
+    assert.doesNotMatch(broker.output, /\\x00\\x00/);
+  });
 });
