@@ -16,7 +16,10 @@
  *   cannot lock operators out;
  * - one request per connection, answered with `Connection: close`: a
  *   keep-alive connection could keep its place for ever, and pipelined
- *   requests would queue work and memory (those after the first are ignored);
+ *   requests would queue work and memory. node:http is given the bytes of
+ *   the first request head ({@link MAX_HEADER_BYTES} at most) and nothing
+ *   more: what follows is dropped unparsed, logged once per connection, and
+ *   reading stops, so that no input holds up the broker's loop;
  * - the request and its whole answer must be done within `timeoutMs` of the
  *   connect: this bounds silent, trickled and half-sent requests and
  *   answers nobody reads alike.
@@ -79,6 +82,10 @@ const BACKLOG = 128;
 const SOCKET_MODE = 0o600;
 /** Longest request head `node:http` parses; ours are a line and a few headers. */
 const MAX_HEADER_BYTES = 8192;
+/** node:http's code for a request head past its limit. */
+const HEADER_OVERFLOW = "HPE_HEADER_OVERFLOW";
+/** How a request head ends. */
+const HEAD_END = new Uint8Array([13, 10, 13, 10]);
 
 /** One open connection: the socket, its deadline, whether its one request came. */
 class HttpConnection {
@@ -89,6 +96,16 @@ class HttpConnection {
   /** `performance.now()` at accept. */
   readonly openedAt: number = performance.now();
   requested = false;
+  /** Bytes of the request head handed to node:http so far. */
+  forwarded = 0;
+  /** The last bytes handed to node:http, in case the head's end is split across reads. */
+  tail: Uint8Array = new Uint8Array(0);
+  /** The request head has ended, or reached its limit: node:http gets nothing more. */
+  headDone = false;
+  /** It reached its limit: answered 431. */
+  overflowed = false;
+  /** "ignoring the requests after the first" was logged: once per connection at most. */
+  ignoringLogged = false;
 
   constructor(socket: net.Socket, fd: number, deadline: ReturnType<typeof setTimeout>) {
     this.socket = socket;
@@ -292,7 +309,62 @@ export class UnixHttpServer implements AsyncDisposable {
     this.#connections.set(socket, connection);
     socket.on("error", (error) => logger.debug("control connection: {error}", { error }));
     socket.once("close", () => this.#forget(connection));
+    // node:http would have its parser read the descriptor itself (`parser.consume`), all of it:
+    // 2 MB of pipelined requests were seconds of parsing on the broker's loop. Marked consumed,
+    // the handle is read through "data" events instead, and node:http's listener gets the first
+    // request head and nothing after (see #gate); the rest is dropped unparsed, and reading stops.
+    const handle = (socket as unknown as { _handle?: { _consumed?: boolean } })._handle;
+    if (handle !== undefined) handle._consumed = true;
     this.#http.emit("connection", socket);
+    const parse = socket.listeners("data") as ((chunk: Buffer) => void)[];
+    if (parse.length === 0) return; // node:http reads some other way: it is not ours to gate
+    socket.removeAllListeners("data");
+    socket.on("data", (chunk: Buffer) => this.#gate(connection, chunk, parse));
+  }
+
+  /**
+   * Hands node:http the bytes of `chunk` up to the end of the first request
+   * head, and drops the rest. A head that has not ended within
+   * {@link MAX_HEADER_BYTES} is answered 431 here: node:http reports its
+   * overflow only some bytes past the limit, which it is never given.
+   */
+  #gate(connection: HttpConnection, chunk: Buffer, parse: ((chunk: Buffer) => void)[]): void {
+    let take = 0;
+    let overflow = false;
+    if (!connection.headDone) {
+      take = Math.min(chunk.length, MAX_HEADER_BYTES - connection.forwarded);
+      const end = headEnd(connection.tail, chunk.subarray(0, take));
+      if (end >= 0) take = end;
+      else overflow = connection.overflowed = connection.forwarded + take >= MAX_HEADER_BYTES;
+      connection.headDone = end >= 0 || overflow;
+    }
+    if (take < chunk.length && !connection.overflowed) {
+      // Whatever follows the head: the answer to the first request ends the connection.
+      this.#ignoring(connection);
+    }
+    if (connection.headDone) connection.socket.pause();
+    if (take > 0) {
+      const forwarded = take === chunk.length ? chunk : chunk.subarray(0, take);
+      connection.forwarded += take;
+      const keep = HEAD_END.length - 1;
+      const joined = concat(connection.tail, forwarded.subarray(Math.max(0, take - keep)));
+      connection.tail = joined.slice(Math.max(0, joined.length - keep));
+      for (const listener of parse) listener.call(connection.socket, forwarded);
+    }
+    const { socket } = connection;
+    if (overflow && !connection.requested && !socket.destroyed && !socket.writableEnded) {
+      answerClientError(
+        Object.assign(new Error("head too large"), { code: HEADER_OVERFLOW }),
+        socket,
+      );
+    }
+  }
+
+  /** Logs, once per connection, that what followed its first request is ignored. */
+  #ignoring(connection: HttpConnection): void {
+    if (connection.ignoringLogged) return;
+    connection.ignoringLogged = true;
+    logger.warn("control connection: ignoring the requests after the first");
   }
 
   #forget(connection: HttpConnection): void {
@@ -313,12 +385,9 @@ export class UnixHttpServer implements AsyncDisposable {
       return;
     }
     if (connection.requested) {
-      // Pipelined: node:http parses every request already read, but only the first is answered,
-      // and the connection ends with that answer; reading more would be work for nothing.
-      if (!connection.socket.isPaused()) {
-        logger.warn("control connection: ignoring the requests after the first");
-        connection.socket.pause();
-      }
+      // Pipelined within the bytes node:http was given (see #gate): only the first is answered,
+      // and the connection ends with that answer.
+      this.#ignoring(connection);
       return;
     }
     connection.requested = true;
@@ -392,7 +461,7 @@ export function sendJson(
  * oversized head 431, the rest 400.
  */
 function answerClientError(error: Error & { code?: string }, socket: net.Socket): void {
-  const [status, reason, message] = error.code === "HPE_HEADER_OVERFLOW"
+  const [status, reason, message] = error.code === HEADER_OVERFLOW
     ? [431, "Request Header Fields Too Large", "request head too large"]
     : unknownMethod(error)
     ? [501, "Not Implemented", "method not implemented"]
@@ -410,6 +479,22 @@ function unknownMethod(error: Error & { rawPacket?: Uint8Array }): boolean {
   if (head === undefined) return false;
   const method = new TextDecoder().decode(head).split(" ", 1)[0];
   return !http.METHODS.includes(method);
+}
+
+/**
+ * Where the request head ends in `chunk` (the index just past its blank
+ * line), `tail` being the bytes before it; -1 if it does not end there.
+ */
+function headEnd(tail: Uint8Array, chunk: Uint8Array): number {
+  const at = Buffer.from(concat(tail, chunk).buffer).indexOf(HEAD_END);
+  return at < 0 ? -1 : at + HEAD_END.length - tail.length;
+}
+
+function concat(a: Uint8Array, b: Uint8Array): Uint8Array<ArrayBuffer> {
+  const joined = new Uint8Array(a.length + b.length);
+  joined.set(a);
+  joined.set(b, a.length);
+  return joined;
 }
 
 /** How long `connection` keeps its place against newcomers: see {@link SILENT_GRACE_MS}. */
