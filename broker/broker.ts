@@ -624,6 +624,7 @@ export class Broker implements AsyncDisposable {
   #sweep(): void {
     const now = performance.now();
     this.#logLimit.report(now, this.#reportHeldBack);
+    this.#table.forgetIdleAccounts();
     const handshakeDeadline = now - this.#options.handshakeTimeoutMs;
     for (const connection of this.#table.handshaking) {
       if (connection.since > handshakeDeadline) break;

@@ -208,7 +208,7 @@ export class ConnectionTable {
     return account;
   }
 
-  /** Unlinks a connection that no longer holds capacity; drops an emptied account. */
+  /** Unlinks a connection that no longer holds capacity. */
   #releaseIfIdle(connection: Connection): void {
     const account = connection.account;
     if (account === undefined || this.handshaking.has(connection)) return;
@@ -218,7 +218,17 @@ export class ConnectionTable {
     if (connection.newerOfUid) connection.newerOfUid.olderOfUid = connection.olderOfUid;
     else account.newest = connection.olderOfUid;
     connection.olderOfUid = connection.newerOfUid = connection.account = undefined;
-    if (account.held === 0) this.#accounts.delete(account.uid);
+  }
+
+  /**
+   * Forgets the accounts of uids that hold nothing. Run now and then rather
+   * than whenever a count reaches zero: a uid whose one waiter pairs would
+   * otherwise cost an account per pairing.
+   */
+  forgetIdleAccounts(): void {
+    for (const [uid, account] of this.#accounts) {
+      if (account.held === 0) this.#accounts.delete(uid);
+    }
   }
 
   /** Changes the account's counts and moves it to its new place by held count. */

@@ -43,7 +43,6 @@ import {
   type MessageHeader,
   type PeerCredentials,
   readSockaddrUn,
-  readUcred,
   SOCKADDR_UN_SIZE,
   sockaddrUn,
   UCRED_SIZE,
@@ -324,7 +323,8 @@ export function setNonblocking(fd: number): void {
   }
 }
 
-const ucred = new Uint8Array(UCRED_SIZE);
+// struct ucred { pid_t pid; uid_t uid; gid_t gid; }, read in place: no view allocated per call.
+const ucred = new Uint32Array(UCRED_SIZE / 4);
 const ucredLength = new Uint32Array(1);
 
 /** The peer's pid, uid and gid as of its `connect` (`SO_PEERCRED`). */
@@ -333,7 +333,7 @@ export function peerCredentials(fd: number): PeerCredentials {
   if (libc.getsockopt(fd, SOL_SOCKET, SO_PEERCRED, ucred, ucredLength) < 0) {
     throw new OsError("getsockopt SO_PEERCRED", errno());
   }
-  return readUcred(ucred);
+  return { pid: ucred[0] | 0, uid: ucred[1], gid: ucred[2] };
 }
 
 const DOMAIN_NAMES: Record<number, string> = { [AF_UNIX]: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6" };

@@ -87,16 +87,6 @@ export interface PeerCredentials {
 /** `sizeof(struct ucred)` */
 export const UCRED_SIZE = 12;
 
-/** Reads a `struct ucred` (pid, uid, gid: three 32-bit fields). */
-export function readUcred(bytes: Uint8Array): PeerCredentials {
-  const view = new DataView(bytes.buffer, bytes.byteOffset, UCRED_SIZE);
-  return {
-    pid: view.getInt32(0, true),
-    uid: view.getUint32(4, true),
-    gid: view.getUint32(8, true),
-  };
-}
-
 const pointerValue = (buffer: Uint8Array): bigint =>
   BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(buffer as Uint8Array<ArrayBuffer>)));
 
@@ -236,4 +226,25 @@ export function readStat(bytes: Uint8Array): StatFields {
     // st_size is at 48 in both.
     size: Number(view.getBigInt64(48, true)),
   };
+}
+
+/** `sizeof(struct flock)`: `short l_type, l_whence; off_t l_start, l_len; pid_t l_pid`, padded. */
+export const FLOCK_SIZE = 32;
+
+/**
+ * A `struct flock` over the whole file (`l_start` 0 from `whence`, `l_len` 0:
+ * to its end, however it grows) of lock type `type`, `l_pid` 0 as the
+ * `F_OFD_*` commands require.
+ */
+export function wholeFileLock(type: number, whence: number): Uint8Array<ArrayBuffer> {
+  const bytes = new Uint8Array(FLOCK_SIZE);
+  const view = new DataView(bytes.buffer);
+  view.setInt16(0, type, true); // l_type
+  view.setInt16(2, whence, true); // l_whence; l_start (8), l_len (16), l_pid (24) stay 0
+  return bytes;
+}
+
+/** The `l_type` of a `struct flock` (what F_OFD_GETLK wrote back). */
+export function readFlockType(bytes: Uint8Array): number {
+  return new DataView(bytes.buffer, bytes.byteOffset, FLOCK_SIZE).getInt16(0, true);
 }
