@@ -3,10 +3,19 @@
  * `kill $(cat …)`, and a lock against a second broker with the same pidfile.
  *
  * The lock, not the pid in the file, says whether a broker runs: the file
- * stays open and `flock`ed for the broker's life, and the kernel releases the
- * lock however the process ends, `kill -9` included. A pid alone cannot say
- * it: a killed broker answers `kill(pid, 0)` until its parent reaps it, and
- * its pid may later belong to anything.
+ * stays open with a write lock on it for the broker's life (an open file
+ * description lock, `F_OFD_SETLK`), and the kernel releases the lock however
+ * the process ends, `kill -9` included. A pid alone cannot say it: a killed
+ * broker answers `kill(pid, 0)` until its parent reaps it, and its pid may
+ * later belong to anything.
+ *
+ * Only a write lock counts, since the file is readable by all. Anyone who
+ * may read it may `flock` it (which does not touch a record lock) or take a
+ * read lock on it, and a read lock keeps a write lock from being taken; but
+ * only who may write the file can hold a write lock. So a file with read
+ * locks and no write lock is stale and pinned by someone else: it is removed
+ * and a new one made, with mode 0600 until it is locked, so that nobody can
+ * pin that one first.
  *
  * The pid is written in place (truncate, then write) rather than through a
  * temporary file renamed over it: a temporary name is one more file another
@@ -54,15 +63,28 @@ function readPid(file: OwnFile): number | undefined {
 
 /**
  * The pidfile at `path`, open and locked by us; undefined while another
- * process holds the lock. `holder` learns the pid in a held file.
+ * process holds a write lock on it. `holder` learns the pid in a held file.
  */
 function lockPidfile(path: string, holder: { pid?: number }): OwnFile | undefined {
-  const file = openOwnFile(path, { access: "read-write", createMode: PIDFILE_MODE });
+  // Nobody else may open a file we create until it is locked (and then set to PIDFILE_MODE).
+  const file = openOwnFile(path, { access: "read-write", createMode: 0o600 });
   try {
     if (!file.tryLock()) {
       holder.pid = readPid(file);
+      if (file.writeLockedElsewhere()) {
+        file.close();
+        return undefined;
+      }
+      // Read locks only: no broker holds it, but someone keeps us from locking it. A new
+      // file, then; readPid has made sure that this one holds nothing but a pid.
+      logger.warn(
+        "pidfile {path} (process {previous}) is stale but read-locked by another process; " +
+          "replacing it with a new file",
+        { path, previous: holder.pid ?? "none" },
+      );
+      if (file.isAt(path)) unlinkPath(path);
       file.close();
-      return undefined;
+      return lockPidfile(path, holder);
     }
     // Its broker may have removed the file between our open and our lock:
     // a lock on a file no longer at the path locks nothing. Start again.
@@ -104,14 +126,19 @@ export class PidFile implements Disposable {
     let file: OwnFile | undefined;
     while ((file = lockPidfile(path, holder)) === undefined) {
       if (performance.now() >= deadline) {
+        const named = holder.pid === undefined ? "no process yet" : `process ${holder.pid}`;
         throw new Error(
-          `pidfile ${path} is held by running process ${holder.pid ?? "(pid not written yet)"}`,
+          `pidfile ${path} is locked by a running process: it names ${named}, but the lock, ` +
+            "not the pid, says a broker runs, and its holder may be another process",
         );
       }
       await sleep(LOCK_RETRY_MS);
     }
     try {
       const previous = readPid(file);
+      // Ours, or one another broker made and lost to us before it could lock it: empty, 0600.
+      const fresh = previous === undefined && (file.status().mode & 0o777) === 0o600;
+      if (file.created || fresh) file.setMode(PIDFILE_MODE);
       if (previous !== undefined) {
         logger.info("replacing stale pidfile {path} (process {previous} holds no lock on it)", {
           path,

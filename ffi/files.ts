@@ -9,9 +9,12 @@
 
 import {
   errno,
+  F_OFD_GETLK,
+  F_OFD_SETLK,
+  F_RDLCK,
+  F_UNLCK,
+  F_WRLCK,
   libc,
-  LOCK_EX,
-  LOCK_NB,
   O_APPEND,
   O_CLOEXEC,
   O_CREAT,
@@ -21,10 +24,21 @@ import {
   O_PATH,
   O_RDWR,
   O_WRONLY,
+  SEEK_SET,
   sizeArgument,
 } from "./libc.ts";
 import { Errno, OsError } from "./errors.ts";
-import { cString, readStat, STAT_SIZE, type StatFields } from "./structs.ts";
+import {
+  cString,
+  readFlockType,
+  readStat,
+  STAT_SIZE,
+  type StatFields,
+  wholeFileLock,
+} from "./structs.ts";
+
+/** What a held record lock fails with, besides EAGAIN (POSIX allows either). */
+const EACCES = 13;
 
 const S_IFMT = 0o170000;
 const FILE_TYPES: Record<number, string> = {
@@ -90,12 +104,15 @@ export interface OpenOptions {
 export class OwnFile implements Disposable {
   /** The path it was opened by (it may have been renamed since). */
   readonly path: string;
+  /** Whether opening it created it (with {@link OpenOptions.createMode}). */
+  readonly created: boolean;
   #fd: number;
 
-  /** Takes ownership of `fd`, opened by `path`. */
-  constructor(fd: number, path: string) {
+  /** Takes ownership of `fd`, opened by `path` (and `created` by that open). */
+  constructor(fd: number, path: string, created = false) {
     this.#fd = fd;
     this.path = path;
+    this.created = created;
   }
 
   /** The descriptor number; -1 once closed. */
@@ -108,16 +125,46 @@ export class OwnFile implements Disposable {
     return statDescriptor(this.#requireOpen(), this.path);
   }
 
+  /** Sets the permission bits to `mode` narrowed by the umask, as creating it would. */
+  setMode(mode: number): void {
+    const umask = libc.umask(0o077);
+    libc.umask(umask);
+    if (libc.fchmod(this.#requireOpen(), mode & ~umask) < 0) {
+      throw new OsError("fchmod", errno(), this.path);
+    }
+  }
+
   /**
-   * Takes an exclusive `flock` without waiting: true if it is ours now, false
-   * if another open file description holds it. It lasts until this closes,
-   * or the process ends however it ends.
+   * Takes a write lock on the whole file without waiting, an open file
+   * description lock (`F_OFD_SETLK`): true if it is ours now, false if
+   * another open file description holds a lock on it, a read lock included.
+   * It lasts until this closes, or the process ends however it ends.
+   *
+   * Not `flock`: anyone who may read the file may `flock` it. A write lock
+   * needs a descriptor open for writing, and `flock` locks do not conflict
+   * with it. A read lock (anyone who may read) still does: see
+   * {@link writeLockedElsewhere}.
    */
   tryLock(): boolean {
-    if (libc.flock(this.#requireOpen(), LOCK_EX | LOCK_NB) === 0) return true;
+    const request = wholeFileLock(F_WRLCK, SEEK_SET);
+    if (libc.fcntl_lock(this.#requireOpen(), F_OFD_SETLK, request) === 0) return true;
     const code = errno();
-    if (code === Errno.EWOULDBLOCK) return false;
-    throw new OsError("flock", code, this.path);
+    if (code === Errno.EAGAIN || code === EACCES) return false;
+    throw new OsError("fcntl(F_OFD_SETLK)", code, this.path);
+  }
+
+  /**
+   * Whether another open file description (or process) holds a write lock
+   * on the file: one that only those who may write it can take. False
+   * when what kept {@link tryLock} from succeeding were read locks.
+   */
+  writeLockedElsewhere(): boolean {
+    // A read lock conflicts with write locks only: the kernel reports one if there is one.
+    const probe = wholeFileLock(F_RDLCK, SEEK_SET);
+    if (libc.fcntl_lock(this.#requireOpen(), F_OFD_GETLK, probe) < 0) {
+      throw new OsError("fcntl(F_OFD_GETLK)", errno(), this.path);
+    }
+    return readFlockType(probe) !== F_UNLCK;
   }
 
   /** Whether `path` (not followed if a symlink) names this very file now. */
@@ -219,7 +266,8 @@ function distrust(status: StatFields, path: string): string | undefined {
 export function openOwnFile(path: string, options: OpenOptions): OwnFile {
   const { access, createMode } = options;
   const flags = access === "append" ? O_WRONLY | O_APPEND : O_RDWR;
-  const file = new OwnFile(openExistingOrNew(path, flags, createMode), path);
+  const { fd, created } = openExistingOrNew(path, flags, createMode);
+  const file = new OwnFile(fd, path, created);
   try {
     const reason = distrust(file.status(), path);
     if (reason !== undefined) throw new Error(`${reason}; refusing it`);
@@ -236,17 +284,21 @@ export function openOwnFile(path: string, options: OpenOptions): OwnFile {
  * symlink in a sticky directory as EACCES instead of ELOOP. A new file is
  * made with O_EXCL, so it is ours from its first instant.
  */
-function openExistingOrNew(path: string, flags: number, createMode?: number): number {
+function openExistingOrNew(
+  path: string,
+  flags: number,
+  createMode?: number,
+): { fd: number; created: boolean } {
   for (;;) {
     try {
-      return openNoFollow(path, flags, 0);
+      return { fd: openNoFollow(path, flags, 0), created: false };
     } catch (error) {
       if (!(createMode !== undefined && error instanceof OsError && error.code === "ENOENT")) {
         throw error;
       }
     }
     try {
-      return openNoFollow(path, flags | O_CREAT | O_EXCL, createMode);
+      return { fd: openNoFollow(path, flags | O_CREAT | O_EXCL, createMode), created: true };
     } catch (error) {
       // Someone made the name in between: open that, and judge it.
       if (!(error instanceof OsError && error.code === "EEXIST")) throw error;

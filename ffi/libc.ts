@@ -55,6 +55,8 @@ const symbols = {
   close: { parameters: ["i32"], result: "i32" },
   // int fcntl(int fd, int cmd, int arg)
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  // int fcntl(int fd, int cmd, struct flock *lock): the F_OFD_* record locks
+  fcntl_lock: { name: "fcntl", parameters: ["i32", "i32", "buffer"], result: "i32" },
   // int getsockopt(int fd, int level, int name, void *value, socklen_t *len)
   getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
   // int open(const char *path, int flags): the variadic mode is never needed (no O_CREAT)
@@ -232,6 +234,18 @@ export const O_NOFOLLOW: number = Deno.build.arch === "x86_64" ? 0o400000 : 0o10
 export const LOCK_EX = 2;
 /** `LOCK_NB` (flock): fail with EWOULDBLOCK instead of waiting. */
 export const LOCK_NB = 4;
+/** `F_OFD_GETLK`: the lock that would conflict with a `struct flock`, if any (asm-generic). */
+export const F_OFD_GETLK = 36;
+/** `F_OFD_SETLK`: an open-file-description record lock, without waiting (asm-generic). */
+export const F_OFD_SETLK = 37;
+/** `F_RDLCK` (struct flock l_type) */
+export const F_RDLCK = 0;
+/** `F_WRLCK` (struct flock l_type): needs a descriptor open for writing. */
+export const F_WRLCK = 1;
+/** `F_UNLCK` (struct flock l_type; what F_OFD_GETLK reports when nothing conflicts) */
+export const F_UNLCK = 2;
+/** `SEEK_SET` (struct flock l_whence) */
+export const SEEK_SET = 0;
 /** `AT_FDCWD`: a path relative to the working directory, for the `*at` calls. */
 export const AT_FDCWD = -100;
 /** `AT_SYMLINK_NOFOLLOW` */

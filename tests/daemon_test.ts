@@ -84,7 +84,10 @@ Deno.test("daemon: a live broker's pidfile is refused to a second broker", async
     assert.equal(second.code, 1, `second broker exit code; stderr:\n${second.stderr}`);
     assert.match(
       second.stderr,
-      new RegExp(`pidfile ${pidfile} is held by running process ${first.pid}`),
+      new RegExp(
+        `pidfile ${pidfile} is locked by a running process: it names process ${first.pid}, ` +
+          "but the lock, not the pid, says a broker runs, and its holder may be another process",
+      ),
     );
     assert.ok(!exists(other), "a refused broker must not bind its socket");
     assert.equal(Deno.readTextFileSync(pidfile), `${first.pid}\n`);
@@ -230,6 +233,105 @@ Deno.test({
       assertUntouched(victim, "root's secret\n");
       await stopGracefully(broker, pidfile, scope.socket);
       assertUntouched(victim, "root's secret\n");
+    }),
+});
+
+/** Whether a `flock -x` on `path` would have to wait (exit 1 of `flock -n`): someone holds one. */
+async function flockHeld(path: string): Promise<boolean> {
+  const done = await new Deno.Command("flock", { args: ["-n", "-x", path, "true"] }).output();
+  return done.code === 1;
+}
+
+Deno.test({
+  name: "attack: another user's flock on a stale pidfile does not keep the broker from starting",
+  ...attack,
+  fn: () =>
+    withScope(async (scope) => {
+      // Root's 0644 pidfile, left by a broker killed with SIGKILL, in a directory (0755) that
+      // nobody may enter but not write in, as /run.
+      Deno.chmodSync(scope.dir, 0o755);
+      const pidfile = `${scope.dir}/broker.pid`;
+      const gone = new Deno.Command("true").spawn();
+      await gone.status;
+      Deno.writeTextFileSync(pidfile, `${gone.pid}\n`, { mode: 0o644 });
+      Deno.chmodSync(pidfile, 0o644);
+      // nobody may read the file, so open it for reading and flock it; never open it to write.
+      // flock(1) takes the lock before it starts sleep, as its child.
+      const [program, ...args] = asUser(NOBODY, "flock", "-x", pidfile, "sleep", "30");
+      const attacker = new Deno.Command(program, { args, stdin: "null", stdout: "null" }).spawn();
+      try {
+        await waitFor("nobody's flock on the pidfile", () => childOf(attacker.pid) !== undefined);
+        assert.ok(await flockHeld(pidfile), "nobody's flock is not held");
+        const broker = await startBroker(scope, ["--socket", scope.socket, "--pidfile", pidfile]);
+        assert.equal(Deno.readTextFileSync(pidfile), `${broker.pid}\n`);
+        // The log line may reach us after the socket file appears: wait for it.
+        await broker.waitForOutput("replacing stale pidfile");
+        assert.match(broker.output, new RegExp(`replacing stale pidfile .*process ${gone.pid}`));
+        assert.ok(await flockHeld(pidfile), "the attacker's flock was still held");
+        // The broker's own lock still refuses a second broker, the attacker's flock aside.
+        const other = `${scope.dir}/other.socket`;
+        const second = await scope.spawn(["broker", "--socket", other, "--pidfile", pidfile])
+          .finish();
+        assert.equal(second.code, 1, `second broker exit code; stderr:\n${second.stderr}`);
+        assert.match(second.stderr, new RegExp(`names process ${broker.pid}`));
+        assert.ok(!exists(other), "a refused broker must not bind its socket");
+        await stopGracefully(broker, pidfile, scope.socket);
+      } finally {
+        // flock(1) runs sleep as its child, which holds the lock too: end both.
+        const sleeper = childOf(attacker.pid);
+        if (sleeper !== undefined) Deno.kill(sleeper, "SIGKILL");
+        try {
+          attacker.kill("SIGKILL");
+        } catch {
+          // it exited with its child
+        }
+        await attacker.status;
+      }
+    }),
+});
+
+Deno.test({
+  name:
+    "attack: another user's read lock on a stale pidfile does not keep the broker from starting",
+  ...attack,
+  fn: () =>
+    withScope(async (scope) => {
+      Deno.chmodSync(scope.dir, 0o755);
+      const pidfile = `${scope.dir}/broker.pid`;
+      const gone = new Deno.Command("true").spawn();
+      await gone.status;
+      Deno.writeTextFileSync(pidfile, `${gone.pid}\n`, { mode: 0o644 });
+      Deno.chmodSync(pidfile, 0o644);
+      // F_OFD_SETLK (37) with a struct flock for F_RDLCK over the whole file: a reader's lock.
+      const script = 'open(my $f, "<", $ARGV[0]) or die "open: $!"; ' +
+        'my $lock = pack("s s x4 q q i x4", 0, 0, 0, 0, 0); ' +
+        'fcntl($f, 37, $lock) or die "fcntl: $!"; ' +
+        '$| = 1; print "locked\\n"; sleep 30';
+      const [program, ...args] = asUser(NOBODY, "perl", "-e", script, pidfile);
+      const attacker = new Deno.Command(program, { args, stdin: "null", stdout: "piped" }).spawn();
+      const output = attacker.stdout.getReader();
+      try {
+        const { value } = await output.read();
+        assert.equal(new TextDecoder().decode(value), "locked\n");
+        const broker = await startBroker(scope, ["--socket", scope.socket, "--pidfile", pidfile]);
+        assert.equal(Deno.readTextFileSync(pidfile), `${broker.pid}\n`);
+        await broker.waitForOutput("is stale but read-locked by another process");
+        assert.equal(Deno.statSync(pidfile).mode! & 0o777, 0o644 & ~Deno.umask());
+        const other = `${scope.dir}/other.socket`;
+        const second = await scope.spawn(["broker", "--socket", other, "--pidfile", pidfile])
+          .finish();
+        assert.equal(second.code, 1, `second broker exit code; stderr:\n${second.stderr}`);
+        assert.match(second.stderr, new RegExp(`names process ${broker.pid}`));
+        await stopGracefully(broker, pidfile, scope.socket);
+      } finally {
+        try {
+          attacker.kill("SIGKILL");
+        } catch {
+          // it failed, and said why
+        }
+        await output.cancel();
+        await attacker.status;
+      }
     }),
 });
 

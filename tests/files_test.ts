@@ -1,11 +1,23 @@
 /**
  * `ffi/files.ts` on real files: what `fstat` reads, what {@link openOwnFile}
  * refuses (symlinks, FIFOs, other users' and shared-writable files, second
- * names), and the `flock` a pidfile relies on.
+ * names), and the write lock a pidfile relies on.
  */
 
 import assert from "node:assert/strict";
 import { openOwnFile } from "../ffi/files.ts";
+import {
+  errno,
+  F_OFD_SETLK,
+  F_RDLCK,
+  F_WRLCK,
+  libc,
+  LOCK_EX,
+  LOCK_NB,
+  O_CLOEXEC,
+  SEEK_SET,
+} from "../ffi/libc.ts";
+import { cString, wholeFileLock } from "../ffi/structs.ts";
 import { countOpenDescriptors } from "./helpers.ts";
 
 async function withDirectory(body: (dir: string) => Promise<void> | void): Promise<void> {
@@ -142,5 +154,43 @@ Deno.test("files: an exclusive lock is one open's at a time, and follows the fil
     assert.ok(first.isAt(`${dir}/moved`));
     first.close();
     assert.ok(second.tryLock(), "closing releases the lock");
+  });
+});
+
+/** A read-only descriptor of `path`, as anyone who may read the file can have. */
+function openForReading(path: string): number {
+  const fd = libc.open(cString(path), O_CLOEXEC);
+  assert.ok(fd >= 0, `open ${path}: errno ${errno()}`);
+  return fd;
+}
+
+Deno.test("files: the lock is a write lock: a flock or a reader cannot take it, a read lock blocks it", async () => {
+  await withDirectory((dir) => {
+    const path = `${dir}/locked`;
+    using file = openOwnFile(path, { access: "read-write", createMode: 0o644 });
+    let reader = openForReading(path);
+    try {
+      // What a reader may hold: a flock, the old way of saying "held", does not conflict.
+      assert.equal(libc.flock(reader, LOCK_EX | LOCK_NB), 0);
+      assert.ok(file.tryLock(), "another open's flock does not keep the write lock from us");
+      file.close();
+      // A write lock needs a descriptor open for writing: a reader cannot hold one.
+      assert.equal(libc.fcntl_lock(reader, F_OFD_SETLK, wholeFileLock(F_WRLCK, SEEK_SET)), -1);
+      assert.equal(errno(), 9, "EBADF");
+      // A read lock it can hold, and that does keep a write lock from being taken; but it is
+      // not a write lock, which is what says a broker holds the file.
+      assert.equal(libc.fcntl_lock(reader, F_OFD_SETLK, wholeFileLock(F_RDLCK, SEEK_SET)), 0);
+      using second = openOwnFile(path, { access: "read-write" });
+      assert.ok(!second.tryLock());
+      assert.ok(!second.writeLockedElsewhere());
+      libc.close(reader);
+      reader = -1;
+      assert.ok(second.tryLock(), "the reader's close released its read lock");
+      using third = openOwnFile(path, { access: "read-write" });
+      assert.ok(!third.tryLock());
+      assert.ok(third.writeLockedElsewhere());
+    } finally {
+      if (reader >= 0) libc.close(reader);
+    }
   });
 });

@@ -6,6 +6,8 @@
 
 import assert from "node:assert/strict";
 import { PidFile } from "../broker/pidfile.ts";
+import { F_OFD_SETLK, F_RDLCK, libc, O_CLOEXEC, SEEK_SET } from "../ffi/libc.ts";
+import { cString, wholeFileLock } from "../ffi/structs.ts";
 
 async function withDirectory(body: (dir: string) => Promise<void> | void): Promise<void> {
   const dir = await Deno.makeTempDir({ prefix: "one-socket-pidfile-" });
@@ -35,12 +37,15 @@ Deno.test("pidfile: holds our pid, mode 0644, no other file beside it, and is re
 Deno.test("pidfile: a held lock is refused with the path and the holder's pid", async () => {
   await withDirectory(async (dir) => {
     const path = `${dir}/broker.pid`;
-    // flock conflicts between two opens of the file, in one process as in two.
+    // An OFD lock conflicts between two opens of the file, in one process as in two.
     using _holder = await PidFile.create(path);
     const started = performance.now();
     await assert.rejects(
       () => PidFile.create(path, 4242),
-      { message: `pidfile ${path} is held by running process ${Deno.pid}` },
+      {
+        message: `pidfile ${path} is locked by a running process: it names process ${Deno.pid}, ` +
+          "but the lock, not the pid, says a broker runs, and its holder may be another process",
+      },
     );
     assert.ok(performance.now() - started >= 900, "gives a dying holder a second first");
     assert.equal(Deno.readTextFileSync(path), `${Deno.pid}\n`);
@@ -105,5 +110,49 @@ Deno.test("pidfile: a directory that does not exist fails with the errno name an
       () => PidFile.create(path),
       { message: `open ${path}: ENOENT (no such file or directory)` },
     );
+  });
+});
+
+/** Runs `body` while a read-only open of `path` holds a read lock on it, as any reader may. */
+async function whileReadLocked(path: string, body: () => Promise<void>): Promise<void> {
+  const reader = libc.open(cString(path), O_CLOEXEC);
+  assert.ok(reader >= 0);
+  try {
+    assert.equal(libc.fcntl_lock(reader, F_OFD_SETLK, wholeFileLock(F_RDLCK, SEEK_SET)), 0);
+    await body();
+  } finally {
+    libc.close(reader);
+  }
+}
+
+Deno.test("pidfile: a stale pidfile a reader keeps read-locked is replaced by a new file", async () => {
+  await withDirectory(async (dir) => {
+    const path = `${dir}/broker.pid`;
+    Deno.writeTextFileSync(path, "4242\n", { mode: 0o644 });
+    const pinned = Deno.statSync(path).ino;
+    await whileReadLocked(path, async () => {
+      using _pidfile = await PidFile.create(path);
+      assert.equal(Deno.readTextFileSync(path), `${Deno.pid}\n`);
+      const status = Deno.statSync(path);
+      assert.notEqual(status.ino, pinned, "a new file, not the one read-locked");
+      assert.equal(status.mode! & 0o777, 0o644 & ~Deno.umask());
+      assert.deepEqual(names(dir), ["broker.pid"]);
+      // Ours is write-locked: a second one is refused, whatever it reads in the file.
+      await assert.rejects(() => PidFile.create(path, 4242), /is locked by a running process/);
+    });
+  });
+});
+
+Deno.test("pidfile: a read-locked file that holds no pid is neither removed nor replaced", async () => {
+  await withDirectory(async (dir) => {
+    const path = `${dir}/important.conf`;
+    Deno.writeTextFileSync(path, "keep me\n", { mode: 0o644 });
+    await whileReadLocked(path, async () => {
+      await assert.rejects(
+        () => PidFile.create(path),
+        /does not hold a pid; refusing to replace it/,
+      );
+    });
+    assert.equal(Deno.readTextFileSync(path), "keep me\n");
   });
 });
