@@ -93,7 +93,7 @@ export class Admission {
 
   /** Why `connection` may not go on sending its request, if it may not. */
   refuseIncomplete(connection: Connection): Refusal | undefined {
-    const uid = connection.peer.uid;
+    const uid = connection.uid;
     const limit = this.#options.uidLimits?.get(uid)?.maxIncomplete ??
       this.#options.maxIncompletePerUid ?? DEFAULT_MAX_INCOMPLETE_PER_UID;
     const incomplete = this.#table.account(uid)?.incomplete ?? 0;
@@ -108,7 +108,7 @@ export class Admission {
   refuseWaiting(connection: Connection): Refusal | undefined {
     const { maxWaitingPerUid, uidLimits } = this.#options;
     if (maxWaitingPerUid === undefined && uidLimits === undefined) return undefined;
-    const uid = connection.peer.uid;
+    const uid = connection.uid;
     const limit = uidLimits?.get(uid)?.maxWaiting ?? maxWaitingPerUid ?? Infinity;
     const waiting = this.#table.account(uid)?.waiting ?? 0;
     if (waiting < limit) return undefined;

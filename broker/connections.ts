@@ -12,7 +12,7 @@
 
 import type { Mode } from "../client/protocol.ts";
 import { Reactor, type Registrant } from "../ffi/reactor.ts";
-import { closeDescriptor, peerCredentials } from "../ffi/socket.ts";
+import { closeDescriptor, peerCredentials, peerUid } from "../ffi/socket.ts";
 import type { PeerCredentials } from "../ffi/structs.ts";
 import type { Waiter } from "./matcher.ts";
 
@@ -45,6 +45,7 @@ export class Connection implements Registrant {
   /** The broker's handler, shared by every connection. */
   readonly #onReadable: (connection: Connection) => void;
   #peer?: PeerCredentials;
+  #uid?: number;
 
   constructor(id: number, fd: number, now: number, onReadable: (connection: Connection) => void) {
     this.id = id;
@@ -61,6 +62,11 @@ export class Connection implements Registrant {
   /** `SO_PEERCRED`, read on first use: the kernel keeps the values from connect time. */
   get peer(): PeerCredentials {
     return this.#peer ??= peerCredentials(this.fd);
+  }
+
+  /** Its uid, read on first use like {@link peer} but without building an object. */
+  get uid(): number {
+    return this.#uid ??= this.#peer?.uid ?? peerUid(this.fd);
   }
 
   /** The key it waits on, as the client sent it. */
@@ -87,6 +93,9 @@ export class UidAccount {
   oldest?: Connection;
   /** Its newest held connection. */
   newest?: Connection;
+  /** The accounts holding as many connections as this one. */
+  previousSameHeld?: UidAccount;
+  nextSameHeld?: UidAccount;
 
   constructor(uid: number) {
     this.uid = uid;
@@ -107,8 +116,13 @@ export class ConnectionTable {
   // A Map keeps insertion order and ids only grow: iteration is by ascending id.
   readonly #byId = new Map<number, Connection>();
   readonly #accounts = new Map<number, UidAccount>();
-  /** Accounts by how many connections they hold, so that the heaviest is found at once. */
-  readonly #byHeld: Set<UidAccount>[] = [];
+  /**
+   * The first account holding each number of connections (a list through
+   * the accounts), so that the heaviest is found at once and a count changes
+   * without allocating. Counts move by one, so the array only ever grows by
+   * one at its end and stays dense.
+   */
+  readonly #byHeld: (UidAccount | undefined)[] = [undefined];
   #mostHeld = 0;
 
   /** Open connections. */
@@ -143,8 +157,7 @@ export class ConnectionTable {
 
   /** The account holding the most connections (any one of them on a tie). */
   heaviest(): UidAccount | undefined {
-    for (const account of this.#byHeld[this.#mostHeld] ?? []) return account;
-    return undefined;
+    return this.#byHeld[this.#mostHeld];
   }
 
   /** `connection` still sends its request after its first read: it counts for its uid. */
@@ -194,7 +207,7 @@ export class ConnectionTable {
   /** Links `connection` into its uid's account, creating the account, unless it is already in. */
   #hold(connection: Connection): UidAccount {
     if (connection.account !== undefined) return connection.account;
-    const uid = connection.peer.uid;
+    const uid = connection.uid;
     let account = this.#accounts.get(uid);
     if (account === undefined) {
       account = new UidAccount(uid);
@@ -237,9 +250,22 @@ export class ConnectionTable {
     account.incomplete += incomplete;
     account.waiting += waiting;
     const after = account.held;
-    this.#byHeld[before]?.delete(account);
-    if (after > 0) (this.#byHeld[after] ??= new Set()).add(account);
+    const byHeld = this.#byHeld;
+    if (before > 0) {
+      // Out of the list of `before`.
+      if (account.previousSameHeld) account.previousSameHeld.nextSameHeld = account.nextSameHeld;
+      else byHeld[before] = account.nextSameHeld;
+      if (account.nextSameHeld) account.nextSameHeld.previousSameHeld = account.previousSameHeld;
+      account.previousSameHeld = account.nextSameHeld = undefined;
+    }
+    if (after > 0) {
+      if (after === byHeld.length) byHeld.push(undefined);
+      const first = byHeld[after];
+      account.nextSameHeld = first;
+      if (first) first.previousSameHeld = account;
+      byHeld[after] = account;
+    }
     if (after > this.#mostHeld) this.#mostHeld = after;
-    while (this.#mostHeld > 0 && !this.#byHeld[this.#mostHeld]?.size) this.#mostHeld--;
+    while (this.#mostHeld > 0 && byHeld[this.#mostHeld] === undefined) this.#mostHeld--;
   }
 }

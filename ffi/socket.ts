@@ -329,11 +329,21 @@ const ucredLength = new Uint32Array(1);
 
 /** The peer's pid, uid and gid as of its `connect` (`SO_PEERCRED`). */
 export function peerCredentials(fd: number): PeerCredentials {
+  readPeerCredentials(fd);
+  return { pid: ucred[0] | 0, uid: ucred[1], gid: ucred[2] };
+}
+
+/** The peer's uid alone, as of its `connect`: no object allocated. */
+export function peerUid(fd: number): number {
+  readPeerCredentials(fd);
+  return ucred[1];
+}
+
+function readPeerCredentials(fd: number): void {
   ucredLength[0] = UCRED_SIZE;
   if (libc.getsockopt(fd, SOL_SOCKET, SO_PEERCRED, ucred, ucredLength) < 0) {
     throw new OsError("getsockopt SO_PEERCRED", errno());
   }
-  return { pid: ucred[0] | 0, uid: ucred[1], gid: ucred[2] };
 }
 
 const DOMAIN_NAMES: Record<number, string> = { [AF_UNIX]: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6" };
