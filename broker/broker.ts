@@ -196,7 +196,7 @@ export class Broker implements AsyncDisposable {
   readonly #listenWatch: Watch;
   readonly #options: Required<Pick<BrokerOptions, "handshakeTimeoutMs">> & BrokerOptions;
   readonly #matcher = new Matcher<Connection>();
-  readonly #table = new ConnectionTable();
+  readonly #table: ConnectionTable;
   readonly #admission: Admission;
   readonly #delivery = new Delivery();
   /** Warnings about clients are budgeted per cause: a flood of bad ones must not fill the log. */
@@ -216,6 +216,7 @@ export class Broker implements AsyncDisposable {
   private constructor(options: BrokerOptions, listener: UnixSocket, ownFile?: string) {
     this.path = options.path;
     this.#options = { handshakeTimeoutMs: 5000, ...options };
+    this.#table = new ConnectionTable(countWaitingFrom(options));
     this.#admission = new Admission(options, this.#table);
     this.#listener = listener;
     this.#ownFile = ownFile;
@@ -641,6 +642,17 @@ export class Broker implements AsyncDisposable {
       this.#drop(connection, "pair_timeout", `no partner within ${pairTimeout} ms`);
     }
   }
+}
+
+/**
+ * From how many open connections waiting clients count for their uid: always
+ * under per-uid waiting limits; otherwise from three quarters of the
+ * capacity, early enough for shedding at capacity to see every uid's share.
+ */
+function countWaitingFrom(options: BrokerOptions): number {
+  if (options.maxWaitingPerUid !== undefined || options.uidLimits !== undefined) return 0;
+  const capacity = options.maxConnections ?? Infinity;
+  return capacity === Infinity ? Infinity : Math.floor(capacity * 3 / 4);
 }
 
 /**

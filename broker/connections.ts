@@ -5,7 +5,10 @@
  * {@link ConnectionTable.close} is where every client descriptor is closed.
  *
  * A client that pairs at accept is never counted against its uid: only
- * connections that stay (incomplete or waiting) hold capacity.
+ * connections that stay (incomplete or waiting) hold capacity. Incomplete
+ * ones are always counted; waiting ones from a size on (see the
+ * constructor), since counting them costs a `getsockopt` per waiting client,
+ * which is one in every pairing.
  *
  * @module
  */
@@ -37,8 +40,10 @@ export class Connection implements Registrant {
   waiter?: Waiter<Connection>;
   /** Its matcher key carries a uid prefix (`isolateUids`). */
   scoped = false;
-  /** Its uid's account, while it holds capacity (incomplete or waiting). */
+  /** Its uid's account, while it counts there (as incomplete or waiting). */
   account?: UidAccount;
+  /** What it counts as in its account, if anything. */
+  countedAs?: "incomplete" | "waiting";
   /** The next older and newer connection its uid holds. */
   olderOfUid?: Connection;
   newerOfUid?: Connection;
@@ -124,6 +129,19 @@ export class ConnectionTable {
    */
   readonly #byHeld: (UidAccount | undefined)[] = [undefined];
   #mostHeld = 0;
+  readonly #countWaitingFrom: number;
+  #countingWaiting: boolean;
+
+  /**
+   * @param countWaitingFrom From how many open connections on waiting ones
+   * count for their uid too (0: always), until the table is back under half
+   * that. Per-uid waiting limits need 0; shedding at capacity needs the
+   * counts only near it.
+   */
+  constructor(countWaitingFrom = 0) {
+    this.#countWaitingFrom = countWaitingFrom;
+    this.#countingWaiting = countWaitingFrom === 0;
+  }
 
   /** Open connections. */
   get size(): number {
@@ -148,6 +166,11 @@ export class ConnectionTable {
   /** Takes in a connection just accepted. */
   add(connection: Connection): void {
     this.#byId.set(connection.id, connection);
+    if (!this.#countingWaiting && this.#byId.size >= this.#countWaitingFrom) {
+      // Getting full: count every waiting client from now on, and those waiting already.
+      this.#countingWaiting = true;
+      for (const waiting of this.waiting) this.#countWaiting(waiting);
+    }
   }
 
   /** The account of `uid`, if it holds any connection. */
@@ -163,16 +186,14 @@ export class ConnectionTable {
   /** `connection` still sends its request after its first read: it counts for its uid. */
   startHandshake(connection: Connection): void {
     this.handshaking.add(connection);
-    const account = this.#hold(connection);
-    this.#recount(account, 1, 0);
+    this.#recount(this.#hold(connection, "incomplete"), 1, 0);
   }
 
   /** `connection` completed its request. */
   endHandshake(connection: Connection): void {
     if (!this.handshaking.delete(connection)) return;
-    const account = connection.account!;
-    this.#recount(account, -1, 0);
-    this.#releaseIfIdle(connection);
+    this.#recount(connection.account!, -1, 0);
+    this.#release(connection);
   }
 
   /** `connection` waits for a partner as `waiter`. */
@@ -180,8 +201,18 @@ export class ConnectionTable {
     connection.waiter = waiter;
     connection.since = now;
     this.waiting.add(connection);
-    const account = this.#hold(connection);
-    this.#recount(account, 0, 1);
+    if (this.#countingWaiting) this.#countWaiting(connection);
+  }
+
+  #countWaiting(connection: Connection): void {
+    if (connection.countedAs !== undefined) return;
+    this.#recount(this.#hold(connection, "waiting"), 0, 1);
+  }
+
+  #uncountWaiting(connection: Connection): void {
+    if (connection.countedAs !== "waiting") return;
+    this.#recount(connection.account!, 0, -1);
+    this.#release(connection);
   }
 
   /**
@@ -193,20 +224,23 @@ export class ConnectionTable {
     this.endHandshake(connection);
     if (connection.waiter !== undefined) {
       connection.waiter.cancel();
-      if (this.waiting.delete(connection)) {
-        const account = connection.account!;
-        this.#recount(account, 0, -1);
-        this.#releaseIfIdle(connection);
+      if (this.waiting.has(connection)) {
+        this.#uncountWaiting(connection);
+        this.waiting.delete(connection);
       }
+    }
+    if (this.#countingWaiting && this.#byId.size < this.#countWaitingFrom / 2) {
+      this.#countingWaiting = false;
+      for (const waiting of this.waiting) this.#uncountWaiting(waiting);
     }
     Reactor.instance().unregister(connection, true);
     closeDescriptor(connection.fd);
     return true;
   }
 
-  /** Links `connection` into its uid's account, creating the account, unless it is already in. */
-  #hold(connection: Connection): UidAccount {
-    if (connection.account !== undefined) return connection.account;
+  /** Links `connection` into its uid's account as `what`, creating the account if need be. */
+  #hold(connection: Connection, what: "incomplete" | "waiting"): UidAccount {
+    connection.countedAs = what;
     const uid = connection.uid;
     let account = this.#accounts.get(uid);
     if (account === undefined) {
@@ -221,16 +255,15 @@ export class ConnectionTable {
     return account;
   }
 
-  /** Unlinks a connection that no longer holds capacity. */
-  #releaseIfIdle(connection: Connection): void {
-    const account = connection.account;
-    if (account === undefined || this.handshaking.has(connection)) return;
-    if (this.waiting.has(connection)) return;
+  /** Unlinks a connection that no longer counts for its uid. */
+  #release(connection: Connection): void {
+    const account = connection.account!;
     if (connection.olderOfUid) connection.olderOfUid.newerOfUid = connection.newerOfUid;
     else account.oldest = connection.newerOfUid;
     if (connection.newerOfUid) connection.newerOfUid.olderOfUid = connection.olderOfUid;
     else account.newest = connection.olderOfUid;
     connection.olderOfUid = connection.newerOfUid = connection.account = undefined;
+    connection.countedAs = undefined;
   }
 
   /**
