@@ -522,11 +522,21 @@ Deno.test("daemon: a restart straight after kill -9 takes over, though the kille
 /** The pid of a child of `parent`, once it has one; undefined until then. */
 function childOf(parent: number): number | undefined {
   for (const entry of Deno.readDirSync("/proc")) {
-    if (/^\d+$/.test(entry.name) && processStat(Number(entry.name))?.[1] === String(parent)) {
-      return Number(entry.name);
+    if (!/^\d+$/.test(entry.name) || processStat(Number(entry.name))?.[1] !== String(parent)) {
+      continue;
     }
+    // The broker --daemon started, not anything else of the parent's (it runs without --daemon).
+    if (!commandLineOf(Number(entry.name)).includes("--daemon")) return Number(entry.name);
   }
   return undefined;
+}
+
+function commandLineOf(pid: number): string[] {
+  try {
+    return Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0");
+  } catch {
+    return ["--daemon"]; // gone: not the one
+  }
 }
 
 Deno.test("daemon: --daemon gives up after --ready-timeout on a broker that never serves", async () => {
