@@ -659,7 +659,7 @@ function countWaitingFrom(options: BrokerOptions): number {
  * What tells one file at `path` from a later one: the inode number alone is
  * reused at once on ext4 and tmpfs, the birth time is not.
  */
-function fileIdentity(path: string): string {
+export function fileIdentity(path: string): string {
   const info = Deno.lstatSync(path);
   return `${info.dev}:${info.ino}:${info.birthtime?.getTime()}`;
 }

@@ -42,7 +42,7 @@ import {
   unlinkPath,
   unreadBytes,
 } from "../ffi/socket.ts";
-import { assertStale } from "./broker.ts";
+import { assertStale, fileIdentity } from "./broker.ts";
 
 const logger = getLogger(["one-socket", "control"]);
 
@@ -508,13 +508,4 @@ function graceMs(connection: HttpConnection): number {
     // a socket in error: silent as far as we are concerned
   }
   return unread > 0 ? BUSY_GRACE_MS : SILENT_GRACE_MS;
-}
-
-/**
- * What tells one file at `path` from a later one: the inode number alone is
- * reused at once on ext4 and tmpfs, the birth time is not.
- */
-function fileIdentity(path: string): string {
-  const info = Deno.lstatSync(path);
-  return `${info.dev}:${info.ino}:${info.birthtime?.getTime()}`;
 }

@@ -108,8 +108,6 @@ const symbols = {
   setrlimit: { parameters: ["i32", "buffer"], result: "i32" },
   // uid_t getuid(void)
   getuid: { parameters: [], result: "u32" },
-  // int kill(pid_t pid, int sig)
-  kill: { parameters: ["i32", "i32"], result: "i32" },
   // DIR *opendir(const char *name)
   opendir: { parameters: ["buffer"], result: "pointer" },
   // struct dirent *readdir(DIR *dir): only ever compared with NULL, never dereferenced

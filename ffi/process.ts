@@ -6,7 +6,7 @@
  */
 
 import { errno, libc, O_RDONLY_CLOEXEC, RLIMIT_NOFILE, sizeArgument } from "./libc.ts";
-import { Errno, OsError } from "./errors.ts";
+import { OsError } from "./errors.ts";
 import { cString, RLIMIT_SIZE } from "./structs.ts";
 
 /** The descriptor limit, soft (in force) and hard (the ceiling an unprivileged process may raise to). */
@@ -52,18 +52,6 @@ export function countOpenDescriptors(): number {
   libc.closedir(directory);
   // Neither "." nor ".." is a descriptor, and neither is the one opendir holds.
   return entries - 3;
-}
-
-/**
- * Whether a process with this pid exists (`kill(pid, 0)`), ours or not: one
- * we may not signal (EPERM) exists all the same. A zombie counts as alive.
- */
-export function processExists(pid: number): boolean {
-  if (libc.kill(pid, 0) === 0) return true;
-  const code = errno();
-  if (code === Errno.EPERM) return true;
-  if (code === Errno.ESRCH) return false;
-  throw new OsError("kill", code, `pid ${pid}`);
 }
 
 const COMMAND_LINE_FILE = "/proc/self/cmdline";
