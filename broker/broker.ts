@@ -424,7 +424,7 @@ export class Broker implements AsyncDisposable {
       this.#drop(
         newcomer,
         "capacity",
-        `broker full (${capacity} connections) and uid ${newcomer.peer.uid} holds the most`,
+        `broker full (${capacity} connections) and uid ${newcomer.uid} holds the most`,
       );
       return;
     }
@@ -432,7 +432,7 @@ export class Broker implements AsyncDisposable {
     this.#drop(
       victim,
       "shed",
-      `broker full (${capacity} connections): making room for uid ${newcomer.peer.uid}, ` +
+      `broker full (${capacity} connections): making room for uid ${newcomer.uid}, ` +
         `as uid ${heaviest.uid} holds the most (${heaviest.held})`,
     );
   }

@@ -224,10 +224,7 @@ export class ConnectionTable {
     this.endHandshake(connection);
     if (connection.waiter !== undefined) {
       connection.waiter.cancel();
-      if (this.waiting.has(connection)) {
-        this.#uncountWaiting(connection);
-        this.waiting.delete(connection);
-      }
+      if (this.waiting.delete(connection)) this.#uncountWaiting(connection);
     }
     if (this.#countingWaiting && this.#byId.size < this.#countWaitingFrom / 2) {
       this.#countingWaiting = false;
