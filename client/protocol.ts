@@ -411,13 +411,133 @@ export function encodeGetPair(key: Key, mode: Mode): Uint8Array {
 }
 
 /**
- * Decodes and validates a `GET_PAIR`, as a broker does once 1040 bytes of it
- * arrived.
+ * Validates a `GET_PAIR` in place, as a broker does once 1040 bytes of it
+ * arrived: nothing is allocated for a valid request, so that the broker's
+ * pairing path makes no garbage. {@linkcode decodeGetPair} is the same check
+ * with a decoded result.
  *
  * Checks every rule visible in the bytes, in wire order: `request` (1; a
  * `SET_PAIR` from a client is refused too), `flags` (exactly version 1),
  * `size` (1028), `mode` (0..2), `key_len` (1..1024). Bytes past `key_len`
  * and the 4 trailing padding bytes are ignored.
+ *
+ * @param frame A buffer holding the message from its first byte.
+ * @param length How many bytes of `frame` hold it: 1040 (the protocol text)
+ * to 1044 (the C client).
+ * @returns `undefined` if it is valid, otherwise the first rule broken.
+ *
+ * @example Usage
+ * ```ts
+ * import {
+ *   encodeGetPair,
+ *   GET_PAIR_KEY_OFFSET,
+ *   getPairKeyLength,
+ *   getPairMode,
+ *   MESSAGE_SIZE,
+ *   validateGetPair,
+ * } from "./protocol.ts";
+ * import assert from "node:assert/strict";
+ *
+ * const frame = encodeGetPair("key", "server");
+ * assert.equal(validateGetPair(frame, MESSAGE_SIZE), undefined);
+ * assert.equal(getPairMode(frame), "server");
+ * const key = frame.subarray(GET_PAIR_KEY_OFFSET, GET_PAIR_KEY_OFFSET + getPairKeyLength(frame));
+ * assert.equal(new TextDecoder().decode(key), "key");
+ *
+ * frame[12] = 3; // mode
+ * assert.equal(validateGetPair(frame, MESSAGE_SIZE)?.field, "mode");
+ * ```
+ */
+export function validateGetPair(frame: Uint8Array, length: number): ProtocolError | undefined {
+  if (length < GET_PAIR_MIN_SIZE || length > MESSAGE_SIZE || length > frame.length) {
+    return new ProtocolError(
+      "GET_PAIR",
+      "length",
+      length,
+      `must be ${GET_PAIR_MIN_SIZE}..${MESSAGE_SIZE} bytes`,
+    );
+  }
+  const request = u32(frame, 0);
+  if (request !== REQUEST_GET_PAIR) {
+    return new ProtocolError(
+      "GET_PAIR",
+      "request",
+      request,
+      request === REQUEST_SET_PAIR
+        ? "SET_PAIR is sent only by the broker; a client must send 1, GET_PAIR"
+        : "must be 1, GET_PAIR",
+    );
+  }
+  const flags = u32(frame, 4);
+  if (flags !== PROTOCOL_VERSION) {
+    return new ProtocolError("GET_PAIR", "flags", flags, "must be 0x1: version 1, no other bits");
+  }
+  const size = u32(frame, 8);
+  if (size !== GET_PAIR_PAYLOAD_SIZE) {
+    return new ProtocolError("GET_PAIR", "size", size, `must be ${GET_PAIR_PAYLOAD_SIZE}`);
+  }
+  const mode = u16(frame, MODE_OFFSET);
+  if (mode > 2) {
+    return new ProtocolError("GET_PAIR", "mode", mode, "must be 0 none, 1 client or 2 server");
+  }
+  const keyLength = u16(frame, KEY_LEN_OFFSET);
+  if (keyLength === 0 || keyLength > MAX_KEY_LENGTH) {
+    return new ProtocolError("GET_PAIR", "key_len", keyLength, `must be 1..${MAX_KEY_LENGTH}`);
+  }
+  return undefined;
+}
+
+/**
+ * Where a `GET_PAIR`'s key starts in the frame.
+ *
+ * @example Usage
+ * ```ts
+ * import { encodeGetPair, GET_PAIR_KEY_OFFSET } from "./protocol.ts";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(encodeGetPair("k", "none")[GET_PAIR_KEY_OFFSET], 0x6b);
+ * ```
+ */
+export const GET_PAIR_KEY_OFFSET = KEY_OFFSET;
+
+/**
+ * The mode of a `GET_PAIR` that {@linkcode validateGetPair} passed.
+ *
+ * @param frame The validated message.
+ * @returns Its mode.
+ *
+ * @example Usage
+ * ```ts
+ * import { encodeGetPair, getPairMode } from "./protocol.ts";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(getPairMode(encodeGetPair("k", "client")), "client");
+ * ```
+ */
+export function getPairMode(frame: Uint8Array): Mode {
+  return MODES[u16(frame, MODE_OFFSET)];
+}
+
+/**
+ * The key length of a `GET_PAIR` that {@linkcode validateGetPair} passed.
+ *
+ * @param frame The validated message.
+ * @returns Its `key_len`.
+ *
+ * @example Usage
+ * ```ts
+ * import { encodeGetPair, getPairKeyLength } from "./protocol.ts";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(getPairKeyLength(encodeGetPair("four", "none")), 4);
+ * ```
+ */
+export function getPairKeyLength(frame: Uint8Array): number {
+  return u16(frame, KEY_LEN_OFFSET);
+}
+
+/**
+ * Decodes and validates a `GET_PAIR`, as {@linkcode validateGetPair} checks it.
  *
  * @param frame The message: 1040 (the protocol text) to 1044 (the C client) bytes.
  * @returns The mode and the key; the key is a view into `frame`.
@@ -436,43 +556,12 @@ export function encodeGetPair(key: Key, mode: Mode): Uint8Array {
  * ```
  */
 export function decodeGetPair(frame: Uint8Array): GetPair {
-  const length = frame.length;
-  if (length < GET_PAIR_MIN_SIZE || length > MESSAGE_SIZE) {
-    throw new ProtocolError(
-      "GET_PAIR",
-      "length",
-      length,
-      `must be ${GET_PAIR_MIN_SIZE}..${MESSAGE_SIZE} bytes`,
-    );
-  }
-  const request = u32(frame, 0);
-  if (request !== REQUEST_GET_PAIR) {
-    throw new ProtocolError(
-      "GET_PAIR",
-      "request",
-      request,
-      request === REQUEST_SET_PAIR
-        ? "SET_PAIR is sent only by the broker; a client must send 1, GET_PAIR"
-        : "must be 1, GET_PAIR",
-    );
-  }
-  const flags = u32(frame, 4);
-  if (flags !== PROTOCOL_VERSION) {
-    throw new ProtocolError("GET_PAIR", "flags", flags, "must be 0x1: version 1, no other bits");
-  }
-  const size = u32(frame, 8);
-  if (size !== GET_PAIR_PAYLOAD_SIZE) {
-    throw new ProtocolError("GET_PAIR", "size", size, `must be ${GET_PAIR_PAYLOAD_SIZE}`);
-  }
-  const mode = u16(frame, MODE_OFFSET);
-  if (mode > 2) {
-    throw new ProtocolError("GET_PAIR", "mode", mode, "must be 0 none, 1 client or 2 server");
-  }
-  const keyLength = u16(frame, KEY_LEN_OFFSET);
-  if (keyLength === 0 || keyLength > MAX_KEY_LENGTH) {
-    throw new ProtocolError("GET_PAIR", "key_len", keyLength, `must be 1..${MAX_KEY_LENGTH}`);
-  }
-  return { mode: MODES[mode], key: frame.subarray(KEY_OFFSET, KEY_OFFSET + keyLength) };
+  const error = validateGetPair(frame, frame.length);
+  if (error !== undefined) throw error;
+  return {
+    mode: getPairMode(frame),
+    key: frame.subarray(KEY_OFFSET, KEY_OFFSET + getPairKeyLength(frame)),
+  };
 }
 
 /**

@@ -5,8 +5,11 @@ import {
   describeKey,
   encodeGetPair,
   encodeSetPair,
+  GET_PAIR_KEY_OFFSET,
   GET_PAIR_MIN_SIZE,
   GET_PAIR_PAYLOAD_SIZE,
+  getPairKeyLength,
+  getPairMode,
   keyBytes,
   MAX_KEY_LENGTH,
   MESSAGE_SIZE,
@@ -20,6 +23,7 @@ import {
   REQUEST_GET_PAIR,
   REQUEST_SET_PAIR,
   SET_PAIR_PAYLOAD_SIZE,
+  validateGetPair,
 } from "../client/protocol.ts";
 
 const fixture = (name: string) => Deno.readFile(new URL(`./fixtures/${name}`, import.meta.url));
@@ -259,6 +263,47 @@ Deno.test("decodeGetPair reports the first broken rule in wire order", async () 
   setU32(frame, 0, 7);
   assertProtocolError(() => decodeGetPair(frame), "request", 7);
   assertProtocolError(() => decodeGetPair(frame.subarray(0, 100)), "length", 100);
+});
+
+Deno.test("validateGetPair judges a frame in a larger buffer exactly as decodeGetPair", async () => {
+  const golden = await goldenServer();
+  // The broker's receive buffer: the frame at its start, `length` bytes of it received.
+  const buffer = new Uint8Array(MESSAGE_SIZE + 16);
+  buffer.set(golden);
+  assert.equal(validateGetPair(buffer, MESSAGE_SIZE), undefined);
+  assert.equal(validateGetPair(buffer, GET_PAIR_MIN_SIZE), undefined);
+  assert.equal(getPairMode(buffer), "server");
+  const keyLength = getPairKeyLength(buffer);
+  assert.equal(
+    new TextDecoder().decode(buffer.subarray(GET_PAIR_KEY_OFFSET, GET_PAIR_KEY_OFFSET + keyLength)),
+    "vhost-user-1",
+  );
+  for (const length of [0, GET_PAIR_MIN_SIZE - 1, MESSAGE_SIZE + 1]) {
+    assert.equal(validateGetPair(buffer, length)?.field, "length", `length ${length}`);
+  }
+  // A length beyond the buffer is refused rather than read past its end.
+  assert.equal(validateGetPair(golden.subarray(0, 1041), 1042)?.field, "length");
+  const breakages: [number, number, number, ProtocolErrorField][] = [
+    [0, 4, 2, "request"],
+    [4, 4, 0x11, "flags"],
+    [8, 4, 1032, "size"],
+    [12, 2, 3, "mode"],
+    [14, 2, 0, "key_len"],
+    [14, 2, MAX_KEY_LENGTH + 1, "key_len"],
+  ];
+  for (const [offset, width, value, field] of breakages) {
+    const frame = buffer.slice();
+    (width === 4 ? setU32 : setU16)(frame, offset, value);
+    const error = validateGetPair(frame, MESSAGE_SIZE);
+    assert.ok(error instanceof ProtocolError, field);
+    assert.equal(error.field, field);
+    assert.equal(error.value, value);
+    assert.equal(
+      error.message,
+      assertProtocolError(() => decodeGetPair(frame.subarray(0, MESSAGE_SIZE)), field, value)
+        .message,
+    );
+  }
 });
 
 Deno.test("decodeSetPair accepts the golden set_pair.bin and encodeSetPair()", async () => {
