@@ -15,9 +15,10 @@
  * @module
  */
 
-import { describeKey, type Mode } from "../client/protocol.ts";
+import { describeKey, GET_PAIR_KEY_OFFSET, type Mode } from "../client/protocol.ts";
 import type { AccessDecision, AccessRequest } from "./broker.ts";
 import type { Connection, ConnectionTable, UidAccount } from "./connections.ts";
+import { NO_SCOPE } from "./matcher.ts";
 import type { DropReason } from "./metrics.ts";
 
 /** Limits of one uid, overriding the broker's per-uid defaults. */
@@ -41,7 +42,7 @@ export interface AdmissionOptions {
 /** Default most connections of one uid still sending their request. */
 export const DEFAULT_MAX_INCOMPLETE_PER_UID = 64;
 
-/** The scope of keys a policy lets pair across uids: `(uid_t)-1` is nobody's uid. */
+/** The scope of keys a policy lets pair across uids: `(uid_t)-1` is nobody's uid (and not NO_SCOPE). */
 const CROSS_UID_SCOPE = 0xffffffff;
 
 /** A refusal: the drop reason for the metrics and the log line's detail. */
@@ -67,14 +68,22 @@ export class Admission {
   }
 
   /**
-   * Applies the authorizer and uid isolation. Returns the key as the matcher
-   * should see it, or a {@link Refusal}.
+   * Applies the authorizer and uid isolation to a validated request in
+   * `frame`. Returns the scope the matcher should file the key in
+   * ({@link NO_SCOPE} unless uids are isolated), or a {@link Refusal}. With
+   * neither option it only returns: nothing is read or built.
    */
-  keyFor(connection: Connection, key: Uint8Array, mode: Mode): Uint8Array | Refusal {
-    if (!this.#decides) return key;
+  scopeFor(
+    connection: Connection,
+    frame: Uint8Array,
+    keyLength: number,
+    mode: Mode,
+  ): number | Refusal {
+    if (!this.#decides) return NO_SCOPE;
     const { authorize, isolateUids } = this.#options;
     let crossUid = false;
     if (authorize) {
+      const key = frame.slice(GET_PAIR_KEY_OFFSET, GET_PAIR_KEY_OFFSET + keyLength);
       const decision = authorize({ key, mode, peer: connection.peer });
       if (!decision.allowed) {
         return {
@@ -84,11 +93,10 @@ export class Admission {
       }
       crossUid = decision.crossUid ?? false;
     }
-    if (!isolateUids) return key;
-    // Every key gets a prefix, cross-uid ones too: a raw key could otherwise be
-    // crafted to equal another user's prefixed one.
-    connection.scoped = true;
-    return scoped(key, crossUid ? CROSS_UID_SCOPE : connection.peer.uid);
+    if (!isolateUids) return NO_SCOPE;
+    // Every key gets a scope, cross-uid ones too: a raw key could otherwise be
+    // crafted to equal another user's scoped one.
+    return crossUid ? CROSS_UID_SCOPE : connection.uid;
   }
 
   /** Why `connection` may not go on sending its request, if it may not. */
@@ -131,12 +139,4 @@ export class Admission {
   get overCapacity(): boolean {
     return this.#table.size > this.capacity;
   }
-}
-
-/** The key prefixed with a uid, so that only clients of one uid can match it. */
-function scoped(key: Uint8Array, uid: number): Uint8Array {
-  const result = new Uint8Array(4 + key.length);
-  new DataView(result.buffer).setUint32(0, uid);
-  result.set(key, 4);
-  return result;
 }

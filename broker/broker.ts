@@ -11,12 +11,15 @@
 
 import { getLogger } from "@logtape/logtape";
 import {
-  decodeGetPair,
   describeKey,
+  GET_PAIR_KEY_OFFSET,
   GET_PAIR_MIN_SIZE,
+  getPairKeyLength,
+  getPairMode,
   MESSAGE_SIZE,
   type Mode,
   ProtocolError,
+  validateGetPair,
 } from "../client/protocol.ts";
 import { Errno, errnoName, OsError } from "../ffi/errors.ts";
 import { EPOLLIN, EPOLLRDHUP } from "../ffi/libc.ts";
@@ -33,10 +36,10 @@ import {
 } from "../ffi/socket.ts";
 import { MessageHeader, type PeerCredentials } from "../ffi/structs.ts";
 import { Admission, type Refusal, type UidLimits } from "./admission.ts";
-import { Connection, ConnectionTable } from "./connections.ts";
+import { type Connection, ConnectionTable } from "./connections.ts";
 import { Delivered, Delivery } from "./delivery.ts";
 import { LogLimit } from "./log_limit.ts";
-import { Matcher, type Waiter } from "./matcher.ts";
+import { Matcher } from "./matcher.ts";
 import { BrokerMetrics, type DropReason } from "./metrics.ts";
 
 const logger = getLogger(["one-socket", "broker"]);
@@ -204,10 +207,8 @@ export class Broker implements AsyncDisposable {
   // One receive header for the whole broker: every call is synchronous.
   readonly #inbound = new MessageHeader(new Uint8Array(MESSAGE_SIZE), MAX_RECEIVED_DESCRIPTORS);
   readonly #sweepTimer: ReturnType<typeof setInterval>;
-  readonly #onReadableHandler = (connection: Connection) => this.#onReadable(connection);
   /** Whether debug lines are wanted, read once: asking on every pairing costs. */
   readonly #debug = logger.isEnabledFor("debug");
-  #nextId = 1;
   #acceptPaused = false;
   /** `performance.now()` when descriptors ran out, until an accept succeeds again. */
   #exhaustedSince?: number;
@@ -216,7 +217,11 @@ export class Broker implements AsyncDisposable {
   private constructor(options: BrokerOptions, listener: UnixSocket, ownFile?: string) {
     this.path = options.path;
     this.#options = { handshakeTimeoutMs: 5000, ...options };
-    this.#table = new ConnectionTable(countWaitingFrom(options));
+    // The reactor's reports carry no clock reading: #onReadable takes one if it needs it.
+    this.#table = new ConnectionTable(
+      (connection) => this.#onReadable(connection, undefined),
+      countWaitingFrom(options),
+    );
     this.#admission = new Admission(options, this.#table);
     this.#listener = listener;
     this.#ownFile = ownFile;
@@ -281,7 +286,7 @@ export class Broker implements AsyncDisposable {
     const clients: WaitingClient[] = [];
     for (const connection of this.#table.values()) {
       if (clients.length >= limit) break;
-      if (connection.id <= after || connection.waiter === undefined) continue;
+      if (connection.id <= after || !connection.isWaiting) continue;
       clients.push({
         id: connection.id,
         key: connection.key,
@@ -322,7 +327,7 @@ export class Broker implements AsyncDisposable {
     this.#listener.close();
     if (this.#ownFile !== undefined) this.#removeOwnFile(this.#ownFile);
     const open = this.#table.size;
-    for (const connection of [...this.#table.values()]) this.#table.close(connection);
+    for (const connection of this.#table.values()) this.#table.close(connection);
     this.#logLimit.report(Infinity, this.#reportHeldBack);
     logger.info("stopped listening on {path}; closed {open} client connections", {
       path: this.path,
@@ -394,13 +399,12 @@ export class Broker implements AsyncDisposable {
 
   #admit(fd: number, now: number): void {
     this.metrics.accepted++;
-    const connection = new Connection(this.#nextId++, fd, now, this.#onReadableHandler);
-    this.#table.add(connection);
+    const connection = this.#table.open(fd, now);
     // Clients send their request right after connecting, so it is usually here already:
     // one that pairs at once never costs an epoll registration, an event or a uid's account.
-    this.#onReadable(connection);
-    if (!this.#table.has(connection)) return;
-    if (connection.waiter === undefined) {
+    this.#onReadable(connection, now);
+    if (!connection.isOpen) return;
+    if (!connection.isWaiting) {
       const refusal = this.#admission.refuseIncomplete(connection);
       if (refusal !== undefined) return this.#refuse(connection, refusal);
       this.#table.startHandshake(connection);
@@ -437,8 +441,9 @@ export class Broker implements AsyncDisposable {
     );
   }
 
-  #onReadable(connection: Connection): void {
-    const alreadyRequested = connection.waiter !== undefined;
+  /** `now` is the caller's clock reading, if it has one: readings cost, and a batch shares one. */
+  #onReadable(connection: Connection, now: number | undefined): void {
+    const alreadyRequested = connection.isWaiting;
     // After the request, read one byte past the frame to tell a hang-up from extra data.
     const want = alreadyRequested
       ? Math.max(MESSAGE_SIZE - connection.received, 1)
@@ -481,56 +486,69 @@ export class Broker implements AsyncDisposable {
       }
       return;
     }
-    let frame: Uint8Array;
-    if (connection.received === 0 && count >= GET_PAIR_MIN_SIZE) {
-      frame = inbound.data.subarray(0, count);
-    } else {
-      connection.frame ??= new Uint8Array(MESSAGE_SIZE);
-      connection.frame.set(inbound.data.subarray(0, count), connection.received);
-      frame = connection.frame.subarray(0, connection.received + count);
+    // A request that arrived whole is validated and matched where it was received.
+    let frame: Uint8Array = inbound.data;
+    if (connection.received > 0 || count < GET_PAIR_MIN_SIZE) {
+      frame = connection.frame ??= new Uint8Array(MESSAGE_SIZE);
+      frame.set(inbound.data.subarray(0, count), connection.received);
     }
     connection.received += count;
     if (connection.received < GET_PAIR_MIN_SIZE) return;
-    let request;
-    try {
-      request = decodeGetPair(frame);
-    } catch (error) {
-      if (!(error instanceof ProtocolError)) throw error;
+    const error = validateGetPair(frame, connection.received);
+    if (error !== undefined) {
       this.#reject(connection, error);
       return;
     }
     connection.frame = undefined;
     this.#table.endHandshake(connection);
-    const key = this.#admission.keyFor(connection, request.key, request.mode);
-    if (key instanceof Uint8Array) this.#pairOrWait(connection, key, request.mode);
-    else this.#refuse(connection, key);
+    const mode = getPairMode(frame);
+    const keyLength = getPairKeyLength(frame);
+    const scope = this.#admission.scopeFor(connection, frame, keyLength, mode);
+    if (typeof scope === "number") this.#pairOrWait(connection, frame, keyLength, mode, scope, now);
+    else this.#refuse(connection, scope);
   }
 
-  #pairOrWait(connection: Connection, key: Uint8Array, mode: Mode): void {
+  /** Matches the request whose key is in `frame`, delivering or filing it. */
+  #pairOrWait(
+    connection: Connection,
+    frame: Uint8Array,
+    keyLength: number,
+    mode: Mode,
+    scope: number,
+    now: number | undefined,
+  ): void {
     for (;;) {
-      const found = this.#matcher.take(key, mode, connection);
-      if (found.waiting) {
+      const partner = this.#matcher.take(
+        connection,
+        frame,
+        GET_PAIR_KEY_OFFSET,
+        keyLength,
+        mode,
+        scope,
+      );
+      if (partner === undefined) {
         const refusal = this.#admission.refuseWaiting(connection);
         if (refusal !== undefined) {
-          found.cancel();
+          connection.stopWaiting();
           this.#refuse(connection, refusal);
           return;
         }
-        this.#startWaiting(connection, found);
+        this.#startWaiting(connection, now ?? performance.now());
         return;
       }
+      now ??= performance.now();
       // A partner that has gone away fails before anything was delivered: try the next.
-      if (this.#deliver(found.item, connection)) return;
+      if (this.#deliver(partner, connection, now, frame, keyLength)) return;
     }
   }
 
-  #startWaiting(connection: Connection, waiter: Waiter<Connection>): void {
-    this.#table.startWaiting(connection, waiter, performance.now());
+  #startWaiting(connection: Connection, now: number): void {
+    this.#table.startWaiting(connection, now);
     if (this.#debug) {
       logger.debug(`client {id} waits on key "{key}" as {mode}`, {
         id: connection.id,
         key: describeKey(connection.key),
-        mode: waiter.mode,
+        mode: connection.mode,
       });
     }
   }
@@ -538,11 +556,19 @@ export class Broker implements AsyncDisposable {
   /**
    * Hands `partner` and `newcomer` their pair and closes both. Returns false
    * when the partner turned out to be gone, so that the newcomer can be
-   * matched again; every other outcome ends both clients.
+   * matched again; every other outcome ends both clients. The key, for the
+   * log, is the newcomer's, in `frame`: the partner's copy left with its wait.
    */
-  #deliver(partner: Connection, newcomer: Connection): boolean {
+  #deliver(
+    partner: Connection,
+    newcomer: Connection,
+    now: number,
+    frame: Uint8Array,
+    keyLength: number,
+  ): boolean {
     const outcome = this.#delivery.deliver(partner, newcomer);
-    const waited = performance.now() - partner.since;
+    // A batch's reading may precede a partner that started waiting within that batch.
+    const waited = Math.max(0, now - partner.since);
     if (outcome === Delivered.PartnerGone) {
       if (this.#debug) logger.debug("client {id} left before its pair arrived", { id: partner.id });
       this.#table.close(partner);
@@ -551,8 +577,7 @@ export class Broker implements AsyncDisposable {
     if (outcome === Delivered.Failed) {
       this.metrics.countDrop("delivery_failed");
       this.#warn("delivery", "no pair for key {key}: {failure}; closed clients {a} and {b}", {
-        // The partner's key as its client sent it, without a uid scope.
-        key: `"${describeKey(partner.key)}"`,
+        key: `"${describeRequestKey(frame, keyLength)}"`,
         failure: this.#delivery.failure,
         a: partner.id,
         b: newcomer.id,
@@ -560,14 +585,14 @@ export class Broker implements AsyncDisposable {
     } else {
       this.metrics.paired++;
       this.metrics.pairWait.observe(waited / 1000);
-      if (this.#debug) this.#logPaired(partner, newcomer);
+      if (this.#debug) this.#logPaired(partner, newcomer, describeRequestKey(frame, keyLength));
     }
     this.#table.close(partner);
     this.#table.close(newcomer);
     return true;
   }
 
-  #logPaired(partner: Connection, newcomer: Connection): void {
+  #logPaired(partner: Connection, newcomer: Connection, key: string): void {
     logger.debug(
       `paired client {a} (pid {pidA}, uid {uidA}) and {b} (pid {pidB}, uid {uidB}) on key "{key}"`,
       {
@@ -577,7 +602,7 @@ export class Broker implements AsyncDisposable {
         b: newcomer.id,
         pidB: newcomer.peer.pid,
         uidB: newcomer.peer.uid,
-        key: describeKey(partner.key),
+        key,
       },
     );
   }
@@ -626,6 +651,7 @@ export class Broker implements AsyncDisposable {
     const now = performance.now();
     this.#logLimit.report(now, this.#reportHeldBack);
     this.#table.forgetIdleAccounts();
+    this.#table.trimSpares();
     const handshakeDeadline = now - this.#options.handshakeTimeoutMs;
     for (const connection of this.#table.handshaking) {
       if (connection.since > handshakeDeadline) break;
@@ -642,6 +668,11 @@ export class Broker implements AsyncDisposable {
       this.#drop(connection, "pair_timeout", `no partner within ${pairTimeout} ms`);
     }
   }
+}
+
+/** The key of the request in `frame`, for a log line. */
+function describeRequestKey(frame: Uint8Array, keyLength: number): string {
+  return describeKey(frame.subarray(GET_PAIR_KEY_OFFSET, GET_PAIR_KEY_OFFSET + keyLength));
 }
 
 /**

@@ -17,46 +17,71 @@ import type { Mode } from "../client/protocol.ts";
 import { Reactor, type Registrant } from "../ffi/reactor.ts";
 import { closeDescriptor, peerCredentials, peerUid } from "../ffi/socket.ts";
 import type { PeerCredentials } from "../ffi/structs.ts";
-import type { Waiter } from "./matcher.ts";
+import { Waiting } from "./matcher.ts";
+
+// Where a connection is in its life, and so which of the table's lists it is on:
+// closed, or open and on none (its request is being read for the first time);
+// still sending its request after its first read; filed in the matcher.
+const ON_NO_LIST = 0;
+const HANDSHAKING = 1;
+const WAITING = 2;
 
 /**
  * One client connection, from accept to close. It is its own reactor
- * registration: one object per client, no watch or closure beside it.
+ * registration and its own entry in the matcher: one object per client, no
+ * watch, closure or node beside it. The table keeps it for the next client
+ * that gets its descriptor number, so that a pairing allocates nothing.
  */
-export class Connection implements Registrant {
+export class Connection extends Waiting implements Registrant {
   /** The broker's id for it: ids only grow. */
-  readonly id: number;
+  id = 0;
   /** Its descriptor, owned by the table. */
-  readonly fd: number;
+  fd = -1;
+  /** Whether it is open: a closed connection is a spare of the table's. */
+  isOpen = false;
   /** The reactor's registration tag. */
   tag = 0;
   /** `performance.now()` at accept, then when it started waiting. */
-  since: number;
+  since = 0;
   /** Bytes of the request frame received so far. */
   received = 0;
   /** Holds a request that arrived in pieces; most arrive whole and never need it. */
-  frame?: Uint8Array;
-  /** Set once its request is filed in the matcher. */
-  waiter?: Waiter<Connection>;
-  /** Its matcher key carries a uid prefix (`isolateUids`). */
-  scoped = false;
+  frame: Uint8Array | undefined = undefined;
   /** Its uid's account, while it counts there (as incomplete or waiting). */
-  account?: UidAccount;
+  account: UidAccount | undefined = undefined;
   /** What it counts as in its account, if anything. */
-  countedAs?: "incomplete" | "waiting";
+  countedAs: "incomplete" | "waiting" | undefined = undefined;
   /** The next older and newer connection its uid holds. */
-  olderOfUid?: Connection;
-  newerOfUid?: Connection;
+  olderOfUid: Connection | undefined = undefined;
+  newerOfUid: Connection | undefined = undefined;
+  /** @internal Neighbours among the open connections, in accept order. */
+  previousOpen: Connection | undefined = undefined;
+  nextOpen: Connection | undefined = undefined;
+  /** @internal Which list of the table's it is on, and its neighbours there. */
+  stage = ON_NO_LIST;
+  previousInStage: Connection | undefined = undefined;
+  nextInStage: Connection | undefined = undefined;
   /** The broker's handler, shared by every connection. */
   readonly #onReadable: (connection: Connection) => void;
-  #peer?: PeerCredentials;
-  #uid?: number;
+  #peer: PeerCredentials | undefined = undefined;
+  #uid: number | undefined = undefined;
 
-  constructor(id: number, fd: number, now: number, onReadable: (connection: Connection) => void) {
+  constructor(onReadable: (connection: Connection) => void) {
+    super();
+    this.#onReadable = onReadable;
+  }
+
+  /** Makes this spare the connection of a client just accepted. */
+  reopen(id: number, fd: number, now: number): void {
     this.id = id;
     this.fd = fd;
+    this.isOpen = true;
+    this.tag = 0;
     this.since = now;
-    this.#onReadable = onReadable;
+    this.received = 0;
+    this.frame = undefined;
+    this.#peer = undefined;
+    this.#uid = undefined;
   }
 
   /** Readable, hung up or in error: the broker reads to find out which. */
@@ -76,15 +101,52 @@ export class Connection implements Registrant {
 
   /** The key it waits on, as the client sent it. */
   get key(): Uint8Array {
-    const key = this.waiter!.key;
-    return this.scoped ? key.subarray(4) : key;
+    return this.waitingKey!;
   }
 
   /** The mode it waits in. */
   get mode(): Mode {
-    return this.waiter!.mode;
+    return this.waitingMode!;
   }
 }
+
+/** The ends of one of the table's intrusive lists. */
+class StageList {
+  oldest: Connection | undefined = undefined;
+  newest: Connection | undefined = undefined;
+
+  append(connection: Connection): void {
+    connection.previousInStage = this.newest;
+    connection.nextInStage = undefined;
+    if (this.newest !== undefined) this.newest.nextInStage = connection;
+    else this.oldest = connection;
+    this.newest = connection;
+  }
+
+  remove(connection: Connection): void {
+    const previous = connection.previousInStage, next = connection.nextInStage;
+    if (previous !== undefined) previous.nextInStage = next;
+    else this.oldest = next;
+    if (next !== undefined) next.previousInStage = previous;
+    else this.newest = previous;
+    connection.previousInStage = connection.nextInStage = undefined;
+  }
+
+  /** Oldest first; the connection yielded may be closed before the walk goes on. */
+  *[Symbol.iterator](): Generator<Connection> {
+    for (let connection = this.oldest; connection !== undefined;) {
+      const next: Connection | undefined = connection.nextInStage;
+      yield connection;
+      connection = next;
+    }
+  }
+}
+
+/**
+ * Spare connection objects kept beyond one per open connection: a few
+ * descriptor numbers above the highest in use come and go all the time.
+ */
+const SPARE_SLACK = 64;
 
 /** What one uid holds now: its incomplete and waiting connections, oldest first. */
 export class UidAccount {
@@ -115,11 +177,16 @@ export class UidAccount {
 /** See the module documentation. */
 export class ConnectionTable {
   /** Connections still sending their request, in arrival order. */
-  readonly handshaking: Set<Connection> = new Set();
+  readonly handshaking: StageList = new StageList();
   /** Connections waiting for a partner, in the order they started waiting. */
-  readonly waiting: Set<Connection> = new Set();
-  // A Map keeps insertion order and ids only grow: iteration is by ascending id.
-  readonly #byId = new Map<number, Connection>();
+  readonly waiting: StageList = new StageList();
+  /** Connection objects by descriptor number, open ones and spares. */
+  readonly #byFd: (Connection | undefined)[] = [];
+  #oldestOpen: Connection | undefined = undefined;
+  #newestOpen: Connection | undefined = undefined;
+  #size = 0;
+  #nextId = 1;
+  readonly #onReadable: (connection: Connection) => void;
   readonly #accounts = new Map<number, UidAccount>();
   /**
    * The first account holding each number of connections (a list through
@@ -133,44 +200,67 @@ export class ConnectionTable {
   #countingWaiting: boolean;
 
   /**
+   * @param onReadable The broker's handler for a connection's readiness.
    * @param countWaitingFrom From how many open connections on waiting ones
    * count for their uid too (0: always), until the table is back under half
    * that. Per-uid waiting limits need 0; shedding at capacity needs the
    * counts only near it.
    */
-  constructor(countWaitingFrom = 0) {
+  constructor(onReadable: (connection: Connection) => void, countWaitingFrom = 0) {
+    this.#onReadable = onReadable;
     this.#countWaitingFrom = countWaitingFrom;
     this.#countingWaiting = countWaitingFrom === 0;
   }
 
   /** Open connections. */
   get size(): number {
-    return this.#byId.size;
+    return this.#size;
   }
 
-  /** The open connection with `id`. */
+  /** The open connection with `id`: a walk, for the control API rather than for pairings. */
   get(id: number): Connection | undefined {
-    return this.#byId.get(id);
+    for (const connection of this.values()) if (connection.id === id) return connection;
+    return undefined;
   }
 
-  /** Open connections by ascending id. */
-  values(): IterableIterator<Connection> {
-    return this.#byId.values();
+  /** Open connections by ascending id; the one yielded may be closed before the walk goes on. */
+  *values(): Generator<Connection> {
+    for (let connection = this.#oldestOpen; connection !== undefined;) {
+      const next: Connection | undefined = connection.nextOpen;
+      yield connection;
+      connection = next;
+    }
   }
 
-  /** Whether `connection` is still open. */
-  has(connection: Connection): boolean {
-    return this.#byId.has(connection.id);
-  }
-
-  /** Takes in a connection just accepted. */
-  add(connection: Connection): void {
-    this.#byId.set(connection.id, connection);
-    if (!this.#countingWaiting && this.#byId.size >= this.#countWaitingFrom) {
+  /** Takes in the descriptor of a client just accepted. */
+  open(fd: number, now: number): Connection {
+    let connection = this.#byFd[fd];
+    if (connection === undefined || connection.isOpen) {
+      connection = new Connection(this.#onReadable);
+      this.#byFd[fd] = connection;
+    }
+    connection.reopen(this.#nextId++, fd, now);
+    connection.previousOpen = this.#newestOpen;
+    connection.nextOpen = undefined;
+    if (this.#newestOpen !== undefined) this.#newestOpen.nextOpen = connection;
+    else this.#oldestOpen = connection;
+    this.#newestOpen = connection;
+    this.#size++;
+    if (!this.#countingWaiting && this.#size >= this.#countWaitingFrom) {
       // Getting full: count every waiting client from now on, and those waiting already.
       this.#countingWaiting = true;
       for (const waiting of this.waiting) this.#countWaiting(waiting);
     }
+    return connection;
+  }
+
+  /**
+   * Lets go of spare connection objects above the descriptors in use, so
+   * that a burst of clients does not hold its objects forever.
+   */
+  trimSpares(): void {
+    const byFd = this.#byFd;
+    while (byFd.length > this.#size + SPARE_SLACK && !byFd[byFd.length - 1]?.isOpen) byFd.pop();
   }
 
   /** The account of `uid`, if it holds any connection. */
@@ -185,22 +275,25 @@ export class ConnectionTable {
 
   /** `connection` still sends its request after its first read: it counts for its uid. */
   startHandshake(connection: Connection): void {
-    this.handshaking.add(connection);
+    connection.stage = HANDSHAKING;
+    this.handshaking.append(connection);
     this.#recount(this.#hold(connection, "incomplete"), 1, 0);
   }
 
   /** `connection` completed its request. */
   endHandshake(connection: Connection): void {
-    if (!this.handshaking.delete(connection)) return;
+    if (connection.stage !== HANDSHAKING) return;
+    connection.stage = ON_NO_LIST;
+    this.handshaking.remove(connection);
     this.#recount(connection.account!, -1, 0);
     this.#release(connection);
   }
 
-  /** `connection` waits for a partner as `waiter`. */
-  startWaiting(connection: Connection, waiter: Waiter<Connection>, now: number): void {
-    connection.waiter = waiter;
+  /** `connection`, just filed in the matcher, waits for a partner. */
+  startWaiting(connection: Connection, now: number): void {
     connection.since = now;
-    this.waiting.add(connection);
+    connection.stage = WAITING;
+    this.waiting.append(connection);
     if (this.#countingWaiting) this.#countWaiting(connection);
   }
 
@@ -220,13 +313,23 @@ export class ConnectionTable {
    * it and closes its descriptor. Returns false if it was closed already.
    */
   close(connection: Connection): boolean {
-    if (!this.#byId.delete(connection.id)) return false;
+    if (!connection.isOpen) return false;
+    connection.isOpen = false;
+    const previous = connection.previousOpen, next = connection.nextOpen;
+    if (previous !== undefined) previous.nextOpen = next;
+    else this.#oldestOpen = next;
+    if (next !== undefined) next.previousOpen = previous;
+    else this.#newestOpen = previous;
+    connection.previousOpen = connection.nextOpen = undefined;
+    this.#size--;
     this.endHandshake(connection);
-    if (connection.waiter !== undefined) {
-      connection.waiter.cancel();
-      if (this.waiting.delete(connection)) this.#uncountWaiting(connection);
+    connection.stopWaiting();
+    if (connection.stage === WAITING) {
+      connection.stage = ON_NO_LIST;
+      this.waiting.remove(connection);
+      this.#uncountWaiting(connection);
     }
-    if (this.#countingWaiting && this.#byId.size < this.#countWaitingFrom / 2) {
+    if (this.#countingWaiting && this.#size < this.#countWaitingFrom / 2) {
       this.#countingWaiting = false;
       for (const waiting of this.waiting) this.#uncountWaiting(waiting);
     }

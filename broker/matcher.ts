@@ -6,143 +6,240 @@
  * broker scans them all), waiters with the same key and mode are served
  * oldest first, and a waiter that disconnects is removed in constant time.
  *
+ * It allocates nothing per pairing: what waits is the caller's own object (a
+ * {@link Waiting}, which the broker's connections extend), linked in place;
+ * the per-key queues, with their copy of the key, are kept for reuse; keys
+ * are read straight out of the caller's receive buffer; the bucket arrays
+ * are the matcher's own, grown and shrunk by powers of two.
+ *
  * @example Usage
  * ```ts
- * import { Matcher } from "./matcher.ts";
+ * import { Matcher, Waiting } from "./matcher.ts";
  * import assert from "node:assert/strict";
  *
  * const key = new TextEncoder().encode("vhost-user-1");
- * const matcher = new Matcher<string>();
- * assert.equal(matcher.match(key, "client"), undefined);
- * matcher.wait(key, "server", "connection 1");
- * assert.equal(matcher.match(key, "client"), "connection 1");
+ * const matcher = new Matcher<Waiting>();
+ * const server = new Waiting();
+ * assert.equal(matcher.take(server, key, 0, key.length, "server"), undefined);
+ * assert.equal(server.isWaiting, true);
+ * assert.equal(matcher.take(new Waiting(), key, 0, key.length, "client"), server);
  * assert.equal(matcher.size, 0);
  * ```
  *
  * @module
  */
 
-import { type Mode, peerMode } from "../client/protocol.ts";
+import type { Mode } from "../client/protocol.ts";
 
 /**
- * One filed client: what {@linkcode Matcher.wait} and
- * {@linkcode Matcher.take} return, and what iterating a matcher yields.
+ * The scope of a key that is not scoped: keys are matched by their bytes
+ * alone. Any other scope (a uid under `isolateUids`) is part of the key: only
+ * requests with the same scope and the same bytes match.
  *
  * @example Usage
  * ```ts
- * import { Matcher } from "./matcher.ts";
+ * import { Matcher, NO_SCOPE, Waiting } from "./matcher.ts";
  * import assert from "node:assert/strict";
  *
- * const matcher = new Matcher<number>();
- * const waiter = matcher.wait(new Uint8Array([1]), "none", 42);
- * assert.equal(waiter.item, 42);
- * assert.equal(waiter.mode, "none");
- * assert.deepEqual(waiter.key, new Uint8Array([1]));
- * assert.equal(waiter.cancel(), true);
- * assert.equal(waiter.waiting, false);
+ * const key = new Uint8Array([1]);
+ * const matcher = new Matcher<Waiting>();
+ * matcher.take(new Waiting(), key, 0, 1, "none", 1000);
+ * assert.equal(matcher.take(new Waiting(), key, 0, 1, "none", NO_SCOPE), undefined);
+ * assert.equal(matcher.size, 2);
  * ```
  */
-export interface Waiter<T> {
-  /** What was filed, e.g. the client's connection. */
-  readonly item: T;
-  /** The key it waits on: a fresh copy on every read, for listings rather than hot paths. */
-  readonly key: Uint8Array;
+export const NO_SCOPE = -1;
+
+/**
+ * What can wait in a {@link Matcher}: the broker's connections extend it, so
+ * that filing a client links the client itself rather than allocating a node.
+ * Its fields belong to the matcher.
+ *
+ * @example Usage
+ * ```ts
+ * import { Matcher, Waiting } from "./matcher.ts";
+ * import assert from "node:assert/strict";
+ *
+ * const matcher = new Matcher<Waiting>();
+ * const waiting = new Waiting();
+ * matcher.take(waiting, new Uint8Array([7, 8, 9]), 1, 2, "client");
+ * assert.deepEqual(waiting.waitingKey, new Uint8Array([8, 9]));
+ * assert.equal(waiting.waitingMode, "client");
+ * assert.equal(waiting.stopWaiting(), true);
+ * assert.equal(waiting.isWaiting, false);
+ * ```
+ */
+export class Waiting {
+  /** @internal The queue of its key while it waits. */
+  keyQueue: KeyQueue | undefined = undefined;
+  /** @internal The waiter filed just before it on the same key and mode. */
+  olderOnKey: Waiting | undefined = undefined;
+  /** @internal The waiter filed just after it on the same key and mode. */
+  newerOnKey: Waiting | undefined = undefined;
+
+  /** Whether it waits: false before it is filed and once matched or cancelled. */
+  get isWaiting(): boolean {
+    return this.keyQueue !== undefined;
+  }
+
+  /** The key it waits on, as a fresh copy (for listings, not hot paths). */
+  get waitingKey(): Uint8Array | undefined {
+    const queue = this.keyQueue;
+    return queue?.key.slice(0, queue.length);
+  }
+
   /** The mode it waits in. */
-  readonly mode: Mode;
-  /** Whether it still waits: false once matched or cancelled. */
-  readonly waiting: boolean;
+  get waitingMode(): Mode | undefined {
+    return this.keyQueue?.table.mode;
+  }
+
+  /** The scope of the key it waits on ({@link NO_SCOPE} if none). */
+  get waitingScope(): number | undefined {
+    return this.keyQueue?.scope;
+  }
+
   /**
    * Stops waiting, e.g. because the client disconnected. Idempotent.
    *
-   * @returns `true` if it was still waiting, `false` if it had already been
-   * matched or cancelled.
+   * @returns `true` if it was waiting, `false` if it was not.
    */
-  cancel(): boolean;
-}
-
-// One per mode; `count` spares `size` a walk over the keys. Buckets are keyed
-// by a hash of the key bytes: a small integer hashes and compares far faster
-// than a string built per request. Keys that collide share a bucket's chain,
-// which the keyed hash keeps short whatever keys clients choose.
-interface Table<T> {
-  readonly mode: Mode;
-  readonly buckets: Map<number, Queue<T>>;
-  count: number;
-}
-
-// The FIFO of one (key, mode). It keeps its own copy of the key, one char per
-// byte: a V8 one-byte string costs a few dozen bytes where a typed array copy
-// costs an ArrayBuffer, a malloc'd store and GC bookkeeping. Being a copy, it
-// never retains the caller's (possibly much larger) frame buffer.
-class Queue<T> {
-  head: Entry<T> | undefined = undefined;
-  tail: Entry<T> | undefined = undefined;
-  /** The next queue in the same bucket (another key with the same hash). */
-  chain: Queue<T> | undefined = undefined;
-  constructor(readonly key: string, public hash: number, readonly table: Table<T>) {}
-}
-
-// A node of the intrusive list: the only allocation per waiter besides its
-// key's queue, with no closures, so a waiting client costs a few dozen bytes
-// here.
-class Entry<T> implements Waiter<T> {
-  prev: Entry<T> | undefined = undefined;
-  next: Entry<T> | undefined = undefined;
-  waiting = true;
-  constructor(readonly item: T, readonly queue: Queue<T>) {}
-
-  get key(): Uint8Array {
-    return byteArray(this.queue.key);
-  }
-
-  get mode(): Mode {
-    return this.queue.table.mode;
-  }
-
-  cancel(): boolean {
-    if (!this.waiting) return false;
+  stopWaiting(): boolean {
+    if (this.keyQueue === undefined) return false;
     unlink(this);
     return true;
   }
 }
 
-function unlink<T>(entry: Entry<T>): void {
-  const queue = entry.queue;
-  if (entry.prev) entry.prev.next = entry.next;
-  else queue.head = entry.next;
-  if (entry.next) entry.next.prev = entry.prev;
-  else queue.tail = entry.prev;
-  entry.prev = entry.next = undefined;
-  entry.waiting = false;
+/**
+ * The waiters of one (key, scope, mode), oldest first, with its own copy of
+ * the key: the caller's buffer is reused for the next request. Emptied queues
+ * go back to their matcher's spares, store and all.
+ */
+class KeyQueue {
+  key: Uint8Array;
+  length = 0;
+  scope = NO_SCOPE;
+  hash = 0;
+  head: Waiting | undefined = undefined;
+  tail: Waiting | undefined = undefined;
+  /** The next queue in the same bucket. */
+  chain: KeyQueue | undefined = undefined;
+  table: Table;
+
+  constructor(capacity: number, table: Table) {
+    this.key = new Uint8Array(capacity);
+    this.table = table;
+  }
+}
+
+/** Smallest bucket array: tables shrink back to it once their keys are gone. */
+const MIN_BUCKETS = 16;
+/** Smallest key store: most keys fit, so that a spare queue fits most keys. */
+const MIN_KEY_CAPACITY = 64;
+/**
+ * Emptied queues kept for reuse: enough for every key of a busy broker's
+ * pairings in flight, few enough that a flood of keys leaves little behind.
+ */
+const MAX_SPARE_QUEUES = 1024;
+
+/** The queues of one mode, in a power-of-two array of buckets chained through the queues. */
+class Table {
+  readonly mode: Mode;
+  /** The table of the mode it pairs with: itself for `none`. */
+  peer: Table = this;
+  readonly spares: KeyQueue[];
+  buckets: (KeyQueue | undefined)[] = emptyBuckets(MIN_BUCKETS);
+  /** Its queues, i.e. distinct keys. */
+  keys = 0;
+  /** Its waiters. */
+  count = 0;
+
+  constructor(mode: Mode, spares: KeyQueue[]) {
+    this.mode = mode;
+    this.spares = spares;
+  }
+}
+
+function emptyBuckets(size: number): (KeyQueue | undefined)[] {
+  return Array.from({ length: size }, () => undefined);
+}
+
+/** Puts `queue` at the head of its bucket's chain. */
+function insertQueue(table: Table, queue: KeyQueue): void {
+  const index = queue.hash & (table.buckets.length - 1);
+  queue.chain = table.buckets[index];
+  table.buckets[index] = queue;
+}
+
+/** Moves every queue into a fresh array of `size` buckets, rehashing it first if asked. */
+function resize(table: Table, size: number, rehash?: (queue: KeyQueue) => number): void {
+  const old = table.buckets;
+  table.buckets = emptyBuckets(size);
+  for (let i = 0; i < old.length; i++) {
+    for (let queue = old[i]; queue !== undefined;) {
+      const next: KeyQueue | undefined = queue.chain;
+      if (rehash !== undefined) queue.hash = rehash(queue);
+      insertQueue(table, queue);
+      queue = next;
+    }
+  }
+}
+
+function removeQueue(table: Table, queue: KeyQueue): void {
+  const index = queue.hash & (table.buckets.length - 1);
+  let before = table.buckets[index]!;
+  if (before === queue) table.buckets[index] = queue.chain;
+  else {
+    while (before.chain !== queue) before = before.chain!;
+    before.chain = queue.chain;
+  }
+  queue.chain = undefined;
+  table.keys--;
+  if (table.spares.length < MAX_SPARE_QUEUES) table.spares.push(queue);
+  // At a quarter full, halve: a flood of keys must not hold its buckets forever.
+  if (table.keys * 4 < table.buckets.length && table.buckets.length > MIN_BUCKETS) {
+    resize(table, table.buckets.length / 2);
+  }
+}
+
+function unlink(waiting: Waiting): void {
+  const queue = waiting.keyQueue!;
+  const older = waiting.olderOnKey, newer = waiting.newerOnKey;
+  if (older !== undefined) older.newerOnKey = newer;
+  else queue.head = newer;
+  if (newer !== undefined) newer.olderOnKey = older;
+  else queue.tail = older;
+  waiting.olderOnKey = waiting.newerOnKey = waiting.keyQueue = undefined;
   queue.table.count--;
   // Keys come and go with their clients; an emptied queue must not linger.
-  if (queue.head === undefined) removeQueue(queue);
+  if (queue.head === undefined) removeQueue(queue.table, queue);
 }
 
-function removeQueue<T>(queue: Queue<T>): void {
-  const buckets = queue.table.buckets;
-  const first = buckets.get(queue.hash)!;
-  if (first === queue) {
-    if (queue.chain) buckets.set(queue.hash, queue.chain);
-    else buckets.delete(queue.hash);
-    return;
-  }
-  let before = first;
-  while (before.chain !== queue) before = before.chain!;
-  before.chain = queue.chain;
+function sameKey(
+  queue: KeyQueue,
+  bytes: Uint8Array,
+  offset: number,
+  length: number,
+  scope: number,
+): boolean {
+  if (queue.length !== length || queue.scope !== scope) return false;
+  const key = queue.key;
+  for (let i = 0; i < length; i++) if (key[i] !== bytes[offset + i]) return false;
+  return true;
 }
 
-/** A hash key: two 32-bit words, secret to the process. */
-export type HashSeed = readonly [number, number];
-
-/** How the matcher hashes a key under a seed to a 30-bit bucket number. */
-export type KeyHash = (key: Uint8Array, seed: HashSeed) => number;
-
-/** A fresh secret seed from the system's random source. */
-export function randomSeed(): HashSeed {
-  const words = crypto.getRandomValues(new Uint32Array(2));
-  return [words[0], words[1]];
-}
+/**
+ * How the matcher hashes a key (`length` bytes of `bytes` from `offset`) in
+ * a scope under a seed of two 32-bit words, to 30 bits.
+ */
+export type KeyHash = (
+  bytes: Uint8Array,
+  offset: number,
+  length: number,
+  scope: number,
+  seed0: number,
+  seed1: number,
+) => number;
 
 const rotate = (x: number, bits: number) => (x << bits) | (x >>> (32 - bits));
 
@@ -169,25 +266,40 @@ function absorb(word: number, rounds: number): void {
 
 /**
  * HalfSipHash (by default -1-3, the Linux kernel's `hsiphash` for hash
- * tables) of `key` under `seed`, kept to 30 bits so that V8 handles it as a
- * small integer. Keyed, so that clients cannot choose keys that share a
- * bucket: keys found to collide under one broker's seed are unrelated under
- * another's.
+ * tables) of a key under the seed `(seed0, seed1)`, kept to 30 bits so that
+ * V8 handles it as a small integer. A scope other than {@link NO_SCOPE} is
+ * hashed as four little-endian bytes before the key. Keyed, so that clients
+ * cannot choose keys that share a bucket: keys found to collide under one
+ * broker's seed are unrelated under another's.
  *
  * @internal Exported for the tests, which also check the -2-4 reference vectors.
  */
-export function hashKey(key: Uint8Array, seed: HashSeed, rounds = 1, finalRounds = 3): number {
-  v0 = seed[0] | 0;
-  v1 = seed[1] | 0;
+export function hashKey(
+  bytes: Uint8Array,
+  offset: number,
+  length: number,
+  scope: number,
+  seed0: number,
+  seed1: number,
+  rounds = 1,
+  finalRounds = 3,
+): number {
+  v0 = seed0 | 0;
+  v1 = seed1 | 0;
   v2 = 0x6c796765 ^ v0;
   v3 = 0x74656462 ^ v1;
-  const length = key.length;
-  const whole = length & ~3;
-  for (let i = 0; i < whole; i += 4) {
-    absorb(key[i] | (key[i + 1] << 8) | (key[i + 2] << 16) | (key[i + 3] << 24), rounds);
+  let total = length;
+  if (scope !== NO_SCOPE) {
+    absorb(scope | 0, rounds);
+    total += 4;
   }
-  let last = length << 24;
-  for (let i = whole; i < length; i++) last |= key[i] << (8 * (i - whole));
+  const end = offset + length;
+  const whole = offset + (length & ~3);
+  for (let i = offset; i < whole; i += 4) {
+    absorb(bytes[i] | (bytes[i + 1] << 8) | (bytes[i + 2] << 16) | (bytes[i + 3] << 24), rounds);
+  }
+  let last = total << 24;
+  for (let i = whole; i < end; i++) last |= bytes[i] << (8 * (i - whole));
   absorb(last, rounds);
   v2 ^= 0xff;
   // Finalization: the rounds alone, with nothing absorbed.
@@ -196,91 +308,50 @@ export function hashKey(key: Uint8Array, seed: HashSeed, rounds = 1, finalRounds
 }
 
 /**
- * Distinct keys one bucket may hold before the matcher picks a new seed. With
- * a secret seed and 2^30 buckets this never happens by chance; reaching it
- * means the seed has somehow been learnt, and a new one ends the attack.
+ * Distinct keys with one full hash a table may hold before the matcher picks
+ * a new seed. With a secret seed and 2^30 hashes this never happens by
+ * chance; reaching it means the seed has somehow been learnt, and a new one
+ * ends the attack.
  */
-const MAX_CHAIN = 8;
+const MAX_SAME_HASH = 8;
 
-function sameBytes(filed: string, key: Uint8Array): boolean {
-  if (filed.length !== key.length) return false;
-  for (let i = 0; i < key.length; i++) if (filed.charCodeAt(i) !== key[i]) return false;
-  return true;
-}
-
-// Chunks keep the argument count well inside engine limits for 1024-byte keys.
-function byteString(key: Uint8Array): string {
-  let text = "";
-  for (let i = 0; i < key.length; i += 256) {
-    text += String.fromCharCode.apply(null, key.subarray(i, i + 256) as unknown as number[]);
-  }
-  return text;
-}
-
-/** The bytes of a one-byte-per-char key string. */
-function byteArray(key: string): Uint8Array {
-  const bytes = new Uint8Array(key.length);
-  for (let i = 0; i < key.length; i++) bytes[i] = key.charCodeAt(i);
-  return bytes;
-}
-
-function* queuesOf<T>(table: Table<T>): Generator<Queue<T>> {
-  for (const first of table.buckets.values()) {
-    for (let queue: Queue<T> | undefined = first; queue; queue = queue.chain) yield queue;
-  }
-}
-
-/** The queue of exactly `key` in `table`, if anyone waits on it. */
-function findQueue<T>(table: Table<T>, key: Uint8Array, hash: number): Queue<T> | undefined {
-  let queue = table.buckets.get(hash);
-  while (queue !== undefined && !sameBytes(queue.key, key)) queue = queue.chain;
-  return queue;
-}
-
-function chainLength<T>(queue: Queue<T> | undefined): number {
-  let length = 0;
-  for (; queue !== undefined; queue = queue.chain) length++;
-  return length;
-}
-
-/** Puts `queue` at the head of its bucket's chain. */
-function insertQueue<T>(queue: Queue<T>): void {
-  const buckets = queue.table.buckets;
-  queue.chain = buckets.get(queue.hash);
-  buckets.set(queue.hash, queue);
+function randomWord(): number {
+  return crypto.getRandomValues(new Int32Array(1))[0];
 }
 
 /**
  * The waiting table. Keys are compared byte for byte (same length, same
- * bytes); `none` pairs with `none`, `client` with `server`. Among several
- * compatible waiters the oldest is matched first.
+ * bytes, same scope); `none` pairs with `none`, `client` with `server`.
+ * Among several compatible waiters the oldest is matched first.
  *
  * The matcher neither validates keys nor keeps the arrays it is given.
  *
- * @typeParam T What is filed per client, e.g. its connection.
+ * @typeParam T What waits, e.g. the broker's connections.
  *
  * @example Usage
  * ```ts
- * import { Matcher } from "./matcher.ts";
+ * import { Matcher, Waiting } from "./matcher.ts";
  * import assert from "node:assert/strict";
  *
- * const key = new Uint8Array([1, 2, 3]);
- * const matcher = new Matcher<string>();
+ * const frame = new Uint8Array([0, 0, 1, 2, 3]); // the key at offset 2
+ * const matcher = new Matcher<Waiting>();
  *
  * // The broker's hot path: pair with a waiting partner, or wait.
- * const first = matcher.take(key, "server", "server conn");
- * assert.equal(first.waiting, true); // filed: keep it to cancel on disconnect
- * const second = matcher.take(key, "client", "client conn");
- * assert.equal(second.waiting, false); // matched: this is the partner
- * assert.equal(second.item, "server conn");
+ * const server = new Waiting();
+ * assert.equal(matcher.take(server, frame, 2, 3, "server"), undefined); // filed
+ * const client = new Waiting();
+ * assert.equal(matcher.take(client, frame, 2, 3, "client"), server); // matched
+ * assert.equal(client.isWaiting, false);
  * ```
  */
-export class Matcher<T> {
-  #none: Table<T> = { mode: "none", buckets: new Map(), count: 0 };
-  #client: Table<T> = { mode: "client", buckets: new Map(), count: 0 };
-  #server: Table<T> = { mode: "server", buckets: new Map(), count: 0 };
-  #seed: HashSeed = randomSeed();
+export class Matcher<T extends Waiting> {
+  readonly #spares: KeyQueue[] = [];
+  readonly #none = new Table("none", this.#spares);
+  readonly #client = new Table("client", this.#spares);
+  readonly #server = new Table("server", this.#spares);
   readonly #hash: KeyHash;
+  #seed0 = randomWord();
+  #seed1 = randomWord();
   #reseeds = 0;
 
   /**
@@ -291,11 +362,13 @@ export class Matcher<T> {
    */
   constructor(hash: KeyHash = hashKey) {
     this.#hash = hash;
+    this.#client.peer = this.#server;
+    this.#server.peer = this.#client;
   }
 
   /**
-   * How often a bucket grew past its bound and the matcher picked a new
-   * seed: 0 unless someone found keys that collide under the secret one.
+   * How often keys with one hash piled up and the matcher picked a new seed:
+   * 0 unless someone found keys that collide under the secret one.
    *
    * @example Usage
    * ```ts
@@ -311,7 +384,7 @@ export class Matcher<T> {
 
   // A switch rather than an object lookup: an untyped caller's "__proto__"
   // must not reach a table.
-  #table(mode: Mode): Table<T> {
+  #table(mode: Mode): Table {
     switch (mode) {
       case "none":
         return this.#none;
@@ -323,123 +396,122 @@ export class Matcher<T> {
     throw new TypeError(`invalid mode ${JSON.stringify(mode)}`);
   }
 
-  #shift(key: Uint8Array, hash: number, mode: Mode): Entry<T> | undefined {
-    // Checked first because peerMode() maps any unknown mode to "none".
+  /**
+   * Pairs a request with the oldest compatible waiter, removing that one, or
+   * files the request's `item` as waiting behind any others with the same
+   * key, scope and mode.
+   *
+   * @param item What waits if no partner does; it must not be waiting already.
+   * @param bytes A buffer holding the request's key, e.g. the received frame; not retained.
+   * @param offset Where in `bytes` the key starts.
+   * @param length The key's length in bytes.
+   * @param mode The request's mode; waiters in its peer mode match.
+   * @param scope The key's scope (a uid, say); default {@link NO_SCOPE}.
+   * @returns The partner, no longer waiting; or `undefined`, and `item` waits.
+   *
+   * @example Usage
+   * ```ts
+   * import { Matcher, Waiting } from "./matcher.ts";
+   * import assert from "node:assert/strict";
+   *
+   * const key = new Uint8Array([9]);
+   * const matcher = new Matcher<Waiting>();
+   * const first = new Waiting();
+   * assert.equal(matcher.take(first, key, 0, 1, "none"), undefined);
+   * assert.equal(matcher.take(new Waiting(), key, 0, 1, "none"), first);
+   * ```
+   */
+  take(
+    item: T,
+    bytes: Uint8Array,
+    offset: number,
+    length: number,
+    mode: Mode,
+    scope: number = NO_SCOPE,
+  ): T | undefined {
+    if (item.keyQueue !== undefined) throw new Error("take: this item is already waiting");
     const own = this.#table(mode);
-    const entry = findQueue(this.#table(peerMode(own.mode)), key, hash)?.head;
-    if (entry) unlink(entry);
-    return entry;
+    const hash = this.#hash(bytes, offset, length, scope, this.#seed0, this.#seed1);
+    const peers = own.peer;
+    let queue = peers.buckets[hash & (peers.buckets.length - 1)];
+    while (
+      queue !== undefined && !(queue.hash === hash && sameKey(queue, bytes, offset, length, scope))
+    ) {
+      queue = queue.chain;
+    }
+    if (queue !== undefined) {
+      const partner = queue.head!;
+      unlink(partner);
+      return partner as T;
+    }
+    this.#file(own, item, bytes, offset, length, scope, hash);
+    return undefined;
   }
 
-  #file(key: Uint8Array, hash: number, mode: Mode, item: T): Entry<T> {
-    const table = this.#table(mode);
-    let queue = findQueue(table, key, hash);
+  #file(
+    table: Table,
+    item: Waiting,
+    bytes: Uint8Array,
+    offset: number,
+    length: number,
+    scope: number,
+    hash: number,
+  ): void {
+    let sameHash = 0;
+    let queue = table.buckets[hash & (table.buckets.length - 1)];
+    for (; queue !== undefined; queue = queue.chain) {
+      if (queue.hash !== hash) continue;
+      if (sameKey(queue, bytes, offset, length, scope)) break;
+      sameHash++;
+    }
     if (queue === undefined) {
-      queue = new Queue(byteString(key), hash, table);
-      const full = chainLength(table.buckets.get(hash)) >= MAX_CHAIN;
-      insertQueue(queue);
-      if (full) this.#reseed();
+      queue = this.#newQueue(table, bytes, offset, length, scope, hash);
+      if (sameHash >= MAX_SAME_HASH) this.#reseed();
     }
-    const entry = new Entry(item, queue);
-    if (queue.tail) {
-      entry.prev = queue.tail;
-      queue.tail.next = entry;
-    } else {
-      queue.head = entry;
-    }
-    queue.tail = entry;
+    item.keyQueue = queue;
+    const tail = queue.tail;
+    item.olderOnKey = tail;
+    if (tail !== undefined) tail.newerOnKey = item;
+    else queue.head = item;
+    queue.tail = item;
     table.count++;
-    return entry;
+  }
+
+  #newQueue(
+    table: Table,
+    bytes: Uint8Array,
+    offset: number,
+    length: number,
+    scope: number,
+    hash: number,
+  ): KeyQueue {
+    let queue = this.#spares.pop();
+    if (queue === undefined || queue.key.length < length) {
+      queue = new KeyQueue(Math.max(MIN_KEY_CAPACITY, length), table);
+    }
+    queue.table = table;
+    const key = queue.key;
+    for (let i = 0; i < length; i++) key[i] = bytes[offset + i];
+    queue.length = length;
+    queue.scope = scope;
+    queue.hash = hash;
+    table.keys++;
+    // At one key per bucket, double: chains stay about one long.
+    if (table.keys > table.buckets.length) resize(table, table.buckets.length * 2);
+    insertQueue(table, queue);
+    return queue;
   }
 
   /** Rehashes every queue under a new seed: linear in the keys, and never by chance. */
   #reseed(): void {
-    this.#seed = randomSeed();
+    this.#seed0 = randomWord();
+    this.#seed1 = randomWord();
     this.#reseeds++;
+    const rehash = (queue: KeyQueue) =>
+      this.#hash(queue.key, 0, queue.length, queue.scope, this.#seed0, this.#seed1);
     for (const table of [this.#none, this.#client, this.#server]) {
-      const queues = [...queuesOf(table)];
-      table.buckets.clear();
-      for (const queue of queues) {
-        queue.hash = this.#hash(byteArray(queue.key), this.#seed);
-        insertQueue(queue);
-      }
+      resize(table, table.buckets.length, rehash);
     }
-  }
-
-  /**
-   * Removes and returns the oldest waiter compatible with a request.
-   *
-   * @param key The request's key.
-   * @param mode The request's mode; waiters in {@linkcode peerMode}`(mode)` match.
-   * @returns The partner's item, or `undefined` if no one compatible waits.
-   *
-   * @example Usage
-   * ```ts
-   * import { Matcher } from "./matcher.ts";
-   * import assert from "node:assert/strict";
-   *
-   * const matcher = new Matcher<string>();
-   * matcher.wait(new Uint8Array([1]), "client", "c");
-   * assert.equal(matcher.match(new Uint8Array([1]), "client"), undefined);
-   * assert.equal(matcher.match(new Uint8Array([1]), "server"), "c");
-   * ```
-   */
-  match(key: Uint8Array, mode: Mode): T | undefined {
-    return this.#shift(key, this.#hash(key, this.#seed), mode)?.item;
-  }
-
-  /**
-   * Files a request as waiting, behind any others with the same key and mode.
-   * It does not look for a partner; see {@linkcode Matcher.take}.
-   *
-   * @param key The request's key; not retained.
-   * @param mode The request's mode.
-   * @param item What to hand out when it is matched.
-   * @returns Its handle, to cancel it when the client goes away.
-   *
-   * @example Usage
-   * ```ts
-   * import { Matcher } from "./matcher.ts";
-   * import assert from "node:assert/strict";
-   *
-   * const matcher = new Matcher<string>();
-   * const waiter = matcher.wait(new Uint8Array([1]), "none", "n");
-   * assert.equal(matcher.size, 1);
-   * waiter.cancel();
-   * assert.equal(matcher.size, 0);
-   * ```
-   */
-  wait(key: Uint8Array, mode: Mode, item: T): Waiter<T> {
-    return this.#file(key, this.#hash(key, this.#seed), mode, item);
-  }
-
-  /**
-   * {@linkcode Matcher.match} and, failing that, {@linkcode Matcher.wait} in
-   * one step, converting the key once.
-   *
-   * @param key The request's key; not retained.
-   * @param mode The request's mode.
-   * @param item What to file if no partner waits.
-   * @returns If a partner waited: the partner's handle, now removed (its
-   * `waiting` is `false`; its `item` is the partner). Otherwise: the new
-   * handle of `item`, filed (its `waiting` is `true`).
-   *
-   * @example Usage
-   * ```ts
-   * import { Matcher } from "./matcher.ts";
-   * import assert from "node:assert/strict";
-   *
-   * const matcher = new Matcher<string>();
-   * const key = new Uint8Array([9]);
-   * assert.equal(matcher.take(key, "none", "first").waiting, true);
-   * const partner = matcher.take(key, "none", "second");
-   * assert.equal(partner.waiting, false);
-   * assert.equal(partner.item, "first");
-   * ```
-   */
-  take(key: Uint8Array, mode: Mode, item: T): Waiter<T> {
-    const hash = this.#hash(key, this.#seed);
-    return this.#shift(key, hash, mode) ?? this.#file(key, hash, mode, item);
   }
 
   /**
@@ -458,51 +530,42 @@ export class Matcher<T> {
   }
 
   /**
+   * How many distinct (key, scope, mode) have waiters: an emptied key is
+   * forgotten at once.
+   *
+   * @example Usage
+   * ```ts
+   * import { Matcher, Waiting } from "./matcher.ts";
+   * import assert from "node:assert/strict";
+   *
+   * const matcher = new Matcher<Waiting>();
+   * const waiting = new Waiting();
+   * matcher.take(waiting, new Uint8Array([1]), 0, 1, "none");
+   * assert.equal(matcher.keys, 1);
+   * waiting.stopWaiting();
+   * assert.equal(matcher.keys, 0);
+   * ```
+   */
+  get keys(): number {
+    return this.#none.keys + this.#client.keys + this.#server.keys;
+  }
+
+  /**
    * How many requests wait in each mode.
    *
    * @returns A fresh record with a count for every mode.
    *
    * @example Usage
    * ```ts
-   * import { Matcher } from "./matcher.ts";
+   * import { Matcher, Waiting } from "./matcher.ts";
    * import assert from "node:assert/strict";
    *
-   * const matcher = new Matcher<number>();
-   * matcher.wait(new Uint8Array([1]), "server", 1);
+   * const matcher = new Matcher<Waiting>();
+   * matcher.take(new Waiting(), new Uint8Array([1]), 0, 1, "server");
    * assert.deepEqual(matcher.countByMode(), { none: 0, client: 0, server: 1 });
    * ```
    */
   countByMode(): Record<Mode, number> {
     return { none: this.#none.count, client: this.#client.count, server: this.#server.count };
-  }
-
-  /**
-   * Lists the waiting requests: by mode (none, client, server), then key by
-   * key (in no promised order), then oldest first within a key. The list is taken when
-   * iteration starts; waiters matched or cancelled meanwhile are skipped.
-   *
-   * @returns The waiters' handles.
-   *
-   * @example Usage
-   * ```ts
-   * import { Matcher } from "./matcher.ts";
-   * import assert from "node:assert/strict";
-   *
-   * const matcher = new Matcher<string>();
-   * matcher.wait(new Uint8Array([1]), "client", "a");
-   * matcher.wait(new Uint8Array([2]), "none", "b");
-   * assert.deepEqual([...matcher].map((w) => w.item), ["b", "a"]);
-   * ```
-   */
-  *[Symbol.iterator](): IterableIterator<Waiter<T>> {
-    // A snapshot, so that the caller may cancel waiters while listing them
-    // without breaking the walk along the links.
-    const entries: Entry<T>[] = [];
-    for (const table of [this.#none, this.#client, this.#server]) {
-      for (const queue of queuesOf(table)) {
-        for (let e = queue.head; e; e = e.next) entries.push(e);
-      }
-    }
-    for (const entry of entries) if (entry.waiting) yield entry;
   }
 }
