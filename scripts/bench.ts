@@ -13,7 +13,8 @@
  * threads, from `/proc/PID/stat`), pairs per second, p50/p99 latency, peak
  * RSS (`VmHWM`) and the generator's own CPU time per pairing. The report
  * gives the medians per broker and load, and the ratios ours/floor of those
- * medians against the targets of issue 5.
+ * medians against the targets (issue 9's for CPU and pairs/s, issue 5's for
+ * latency and collapse).
  *
  * With `--socket` it measures only the broker already listening there (any
  * protocol v1 broker, the C one too; its pid comes from `SO_PEERCRED`).
@@ -103,7 +104,7 @@ interface Summary {
 
 type Metric = "brokerCpuMicrosPerPair" | "p99Micros" | "pairsPerSecond";
 
-/** A ratio ours/floor that issue 5 bounds, at the loads it names. */
+/** A ratio ours/floor that an issue bounds, at the loads it names. */
 interface Target {
   metric: Metric;
   name: string;
@@ -118,12 +119,12 @@ const TARGETS: Target[] = [
   {
     metric: "brokerCpuMicrosPerPair",
     name: "CPU per pairing",
-    limit: 1.3,
+    limit: 1.25,
     atMost: true,
     appliesTo: BOUNDED,
   },
   { metric: "p99Micros", name: "p99 latency", limit: 2, atMost: true, appliesTo: BOUNDED },
-  { metric: "pairsPerSecond", name: "pairs/s", limit: 0.9, atMost: false, appliesTo: BOUNDED },
+  { metric: "pairsPerSecond", name: "pairs/s", limit: 0.95, atMost: false, appliesTo: BOUNDED },
   // "No collapse": at this concurrency pairs/s may fall, but not to a fraction of the floor's.
   {
     metric: "pairsPerSecond",
