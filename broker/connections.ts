@@ -315,6 +315,7 @@ export class ConnectionTable {
   close(connection: Connection): boolean {
     if (!connection.isOpen) return false;
     connection.isOpen = false;
+    connection.frame = undefined; // a spare holds no partial request
     const previous = connection.previousOpen, next = connection.nextOpen;
     if (previous !== undefined) previous.nextOpen = next;
     else this.#oldestOpen = next;
