@@ -7,6 +7,7 @@
  */
 
 import { Errno, OsError } from "../ffi/errors.ts";
+import { Reactor } from "../ffi/reactor.ts";
 import { connectUnix, receiveMessage, sendFrom, type UnixSocket } from "../ffi/socket.ts";
 import { closeDescriptor } from "../ffi/socket.ts";
 import { MessageHeader } from "../ffi/structs.ts";
@@ -121,7 +122,8 @@ export class BrokerConnection implements Disposable {
    * version 1, size 8, exactly one descriptor.
    */
   async receivePair(signal?: AbortSignal): Promise<PairedSocket> {
-    const frame = new Uint8Array(MESSAGE_SIZE);
+    // Built only when the reply comes in pieces; whole, it is checked where it landed.
+    let frame: Uint8Array | undefined;
     const descriptors: number[] = [];
     let received = 0;
     try {
@@ -129,7 +131,10 @@ export class BrokerConnection implements Disposable {
         replyHeader.prepareReceive(MESSAGE_SIZE - received);
         const count = receiveMessage(this.#socket.fd, replyHeader);
         if (count === -Errno.EAGAIN) {
-          await abortable(this.#socket.readiness.readable(), signal);
+          const readable = this.#socket.readiness.readable();
+          // The broker answers within microseconds once the partner is there.
+          Reactor.instance().expectSoon();
+          await abortable(readable, signal);
           continue;
         }
         if (count === 0 || count === -Errno.ECONNRESET) {
@@ -138,11 +143,16 @@ export class BrokerConnection implements Disposable {
         }
         if (count < 0) throw new OsError("recvmsg", -count, this.path);
         replyHeader.readDescriptors();
-        descriptors.push(...replyHeader.descriptors);
-        frame.set(replyHeader.data.subarray(0, count), received);
+        for (const fd of replyHeader.descriptors) descriptors.push(fd);
+        if (count === MESSAGE_SIZE) {
+          frame = replyHeader.data;
+        } else {
+          frame ??= new Uint8Array(MESSAGE_SIZE);
+          frame.set(replyHeader.data.subarray(0, count), received);
+        }
         received += count;
       }
-      decodeSetPair(frame);
+      decodeSetPair(frame!);
       if (descriptors.length !== 1) {
         throw new ProtocolError("SET_PAIR", "descriptors", descriptors.length, "must be 1");
       }

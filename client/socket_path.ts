@@ -38,7 +38,8 @@ export function defaultSocketPath(): string {
 }
 
 // Under /tmp anyone may create a name first: the socket lives in a directory only its uid may use.
-const fallbackDirectory = (uid: number) => `/tmp/one-socket-${uid}`;
+const FALLBACK_PREFIX = "/tmp/one-socket-";
+const fallbackDirectory = (uid: number) => `${FALLBACK_PREFIX}${uid}`;
 
 /**
  * Guards the `/tmp` fallback of {@link defaultSocketPath}: another user could
@@ -55,6 +56,8 @@ const fallbackDirectory = (uid: number) => `/tmp/one-socket-${uid}`;
  * ```
  */
 export function guardFallbackDirectory(path: string, create: boolean): void {
+  // Most paths are nowhere near /tmp: spare them the getuid.
+  if (!path.startsWith(FALLBACK_PREFIX)) return;
   const uid = currentUid();
   const directory = fallbackDirectory(uid);
   if (!path.startsWith(`${directory}/`)) return;

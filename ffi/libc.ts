@@ -125,12 +125,20 @@ export const libc: Deno.DynamicLibrary<typeof symbols>["symbols"] =
 // JavaScript only ever runs on this thread, so its errno lives at one fixed address.
 const errnoView = new Deno.UnsafePointerView(libc.__errno_location()!);
 
-/**
- * A `size_t` argument. Deno accepts a number for 64-bit parameters at run time
- * (its types insist on BigInt); skipping the BigInt saves an allocation per call.
- */
+// BigInts for the sizes passed recently: a JS number for a 64-bit parameter takes the FFI
+// slow path (about 200 ns a call), a fresh BigInt costs an allocation; a cached one neither.
+const sizes = new Map<number, bigint>();
+const MAX_CACHED_SIZES = 256;
+
+/** A `size_t` argument, as a BigInt cached per value. */
 export function sizeArgument(length: number): bigint {
-  return length as unknown as bigint;
+  let size = sizes.get(length);
+  if (size === undefined) {
+    if (sizes.size >= MAX_CACHED_SIZES) sizes.clear();
+    size = BigInt(length);
+    sizes.set(length, size);
+  }
+  return size;
 }
 
 /** errno of the last failed call on the JavaScript thread; read it right after the call. */

@@ -131,6 +131,7 @@ export class Reactor {
   #running = false;
   #blocking = false;
   #lingerSlices = 0;
+  #expecting = false;
   #stopped: Promise<void> = Promise.resolve();
 
   private constructor() {
@@ -232,6 +233,18 @@ export class Reactor {
     this.#lingerSlices = Math.max(0, Math.round(ms));
   }
 
+  /**
+   * Says that an event is due within about a millisecond (a local peer's
+   * reply to a request just sent, say): the next time the loop runs out of
+   * events, it waits up to one millisecond on the JavaScript thread before it
+   * hands the wait to a helper thread. The hand-off costs more CPU than the
+   * answer takes to arrive; the price is that timers and other I/O may wait
+   * that millisecond, once per call.
+   */
+  expectSoon(): void {
+    this.#expecting = true;
+  }
+
   async #run(): Promise<void> {
     try {
       let lingerLeft = 0;
@@ -256,6 +269,12 @@ export class Reactor {
           continue;
         } else {
           if (waitMs > 0) lingerLeft--;
+          if (!dispatched && waitMs === 0 && this.#expecting) {
+            // An answer is due: wait for it here, one slice, before any hand-off.
+            this.#expecting = false;
+            lingerLeft = 1;
+            continue;
+          }
           if (!dispatched && waitMs === 0) {
             // Quiet, and nothing left to run: hand the wait to a helper thread.
             this.#blocking = true;

@@ -236,6 +236,18 @@ export async function receiveDatagram(
   }
 }
 
+// A client connects to the same broker path again and again: encode it once.
+let lastPath = "";
+let lastAddress: Uint8Array = new Uint8Array(0);
+
+function addressOf(path: string): Uint8Array {
+  if (path !== lastPath) {
+    lastAddress = sockaddrUn(path);
+    lastPath = path;
+  }
+  return lastAddress;
+}
+
 /** How long to back off when the listener's backlog is full (AF_UNIX reports EAGAIN). */
 const CONNECT_RETRY_MS = [1, 2, 5, 10, 20, 50, 100];
 
@@ -244,7 +256,7 @@ const CONNECT_RETRY_MS = [1, 2, 5, 10, 20, 50, 100];
  * is retried with a short back-off until `signal` aborts.
  */
 export async function connectUnix(path: string, signal?: AbortSignal): Promise<UnixSocket> {
-  const address = sockaddrUn(path);
+  const address = addressOf(path);
   for (let attempt = 0;; attempt++) {
     signal?.throwIfAborted();
     const socket = new UnixSocket(newSocket(SOCK_STREAM, path));
