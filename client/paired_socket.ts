@@ -6,6 +6,7 @@
  */
 
 import { Errno, OsError } from "../ffi/errors.ts";
+import { Reactor } from "../ffi/reactor.ts";
 import { readInto, sendFrom, setNonblocking, shutdownWrite, UnixSocket } from "../ffi/socket.ts";
 
 const STREAM_CHUNK_SIZE = 64 * 1024;
@@ -27,7 +28,9 @@ const STREAM_CHUNK_SIZE = 64 * 1024;
 export class PairedSocket implements AsyncDisposable {
   readonly #socket: UnixSocket;
   #nonblocking = false;
-  #readable?: ReadableStream<Uint8Array>;
+  // Whether the last read filled its buffer: the peer is streaming.
+  #streaming = false;
+  #stream?: ReadableStream<Uint8Array>;
   #writable?: WritableStream<Uint8Array>;
 
   /**
@@ -61,28 +64,60 @@ export class PairedSocket implements AsyncDisposable {
   async read(buffer: Uint8Array): Promise<number | null> {
     for (;;) {
       const count = readInto(this.#open("read"), buffer as Uint8Array<ArrayBuffer>);
-      if (count > 0) return count;
+      if (count > 0) {
+        this.#streaming = count === buffer.length;
+        return count;
+      }
       if (count === 0) return buffer.length === 0 ? 0 : null;
       if (count === -Errno.ECONNRESET) return null;
       if (count !== -Errno.EAGAIN) throw new OsError("read", -count);
-      await this.#socket.readiness.readable();
+      await this.#readable();
     }
   }
 
+  /**
+   * Waits for bytes. After a read that filled its buffer the peer is
+   * streaming and its next bytes are microseconds away: the reactor waits
+   * for them on this thread rather than pay a hand-off to its helper thread.
+   */
+  #readable(): Promise<void> {
+    const ready = this.#socket.readiness.readable();
+    if (this.#streaming) {
+      this.#streaming = false;
+      Reactor.instance().expectSoon();
+    }
+    return ready;
+  }
+
   /** Writes all of `data`, waiting for room as needed; resolves to `data.length`. */
-  async write(data: Uint8Array): Promise<number> {
-    let rest = data as Uint8Array<ArrayBuffer>;
-    while (rest.length > 0) {
-      const count = sendFrom(this.#open("write"), rest);
+  write(data: Uint8Array): Promise<number> {
+    try {
+      const count = sendFrom(this.#open("write"), data as Uint8Array<ArrayBuffer>);
+      // The common case: the kernel took it all, and nothing needs awaiting.
+      if (count === data.length) return Promise.resolve(count);
+      return this.#writeRest(data as Uint8Array<ArrayBuffer>, count);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+  }
+
+  async #writeRest(data: Uint8Array<ArrayBuffer>, first: number): Promise<number> {
+    let count = first;
+    let rest = data;
+    for (;;) {
       if (count >= 0) {
         rest = rest.subarray(count);
+        if (rest.length === 0) return data.length;
       } else if (count === -Errno.EAGAIN) {
-        await this.#socket.readiness.writable();
+        const ready = this.#socket.readiness.writable();
+        // A full buffer after bytes went out: the reader is draining it right now.
+        if (rest.length < data.length) Reactor.instance().expectSoon();
+        await ready;
       } else {
         throw new OsError("write", -count);
       }
+      count = sendFrom(this.#open("write"), rest);
     }
-    return data.length;
   }
 
   /** Ends the writing direction; the peer reads end of stream and may still reply. */
@@ -90,34 +125,74 @@ export class PairedSocket implements AsyncDisposable {
     shutdownWrite(this.#open("shutdown"));
   }
 
+  /**
+   * Fills as much of `target` as the kernel holds right now: the byte count,
+   * 0 for "nothing yet" (EAGAIN), or null at end of stream.
+   */
+  #drain(target: Uint8Array<ArrayBuffer>): number | null {
+    const fd = this.#open("read");
+    let filled = 0;
+    while (filled < target.length) {
+      const count = readInto(fd, filled === 0 ? target : target.subarray(filled));
+      if (count > 0) {
+        filled += count;
+        continue;
+      }
+      if (count === -Errno.EAGAIN) break;
+      // End of stream (or a reset, which reads as one): what came before it goes out first.
+      if (count === 0 || count === -Errno.ECONNRESET) return filled > 0 ? filled : null;
+      throw new OsError("read", -count);
+    }
+    if (filled > 0) this.#streaming = filled === target.length;
+    return filled;
+  }
+
   /** The incoming bytes as a byte stream; cancelling it closes the socket. */
   get readable(): ReadableStream<Uint8Array> {
-    return this.#readable ??= new ReadableStream({
+    return this.#stream ??= new ReadableStream({
       type: "bytes",
       autoAllocateChunkSize: STREAM_CHUNK_SIZE,
-      pull: async (controller) => {
+      // Synchronous while the kernel has bytes: a pull awaits only after EAGAIN.
+      pull: (controller) => {
         const request = controller.byobRequest!;
         const view = request.view!;
-        const count = await this.read(
-          new Uint8Array(view.buffer, view.byteOffset, view.byteLength),
-        );
-        if (count === null) {
+        const target = new Uint8Array(view.buffer, view.byteOffset, view.byteLength);
+        const filled = this.#drain(target);
+        if (filled === null) {
           controller.close();
           request.respond(0);
+        } else if (filled > 0) {
+          request.respond(filled);
         } else {
-          request.respond(count);
+          return this.#pullLater(controller, target);
         }
       },
       cancel: () => this.close(),
     });
   }
 
+  async #pullLater(
+    controller: ReadableByteStreamController,
+    target: Uint8Array<ArrayBuffer>,
+  ): Promise<void> {
+    let filled: number | null = 0;
+    while (filled === 0) {
+      await this.#readable();
+      filled = this.#drain(target);
+    }
+    const request = controller.byobRequest!;
+    if (filled === null) {
+      controller.close();
+      request.respond(0);
+    } else {
+      request.respond(filled);
+    }
+  }
+
   /** A sink for outgoing bytes; closing it ends the writing direction only. */
   get writable(): WritableStream<Uint8Array> {
     return this.#writable ??= new WritableStream({
-      write: async (chunk) => {
-        await this.write(chunk);
-      },
+      write: (chunk) => this.write(chunk).then(() => {}),
       close: () => this.closeWrite(),
       abort: () => this.close(),
     });
