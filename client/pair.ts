@@ -7,8 +7,13 @@
  */
 
 import { Errno, OsError } from "../ffi/errors.ts";
-import { Reactor } from "../ffi/reactor.ts";
-import { connectUnix, receiveMessage, sendFrom, type UnixSocket } from "../ffi/socket.ts";
+import {
+  connectUnix,
+  receiveMessage,
+  sendFrom,
+  tryConnectUnix,
+  type UnixSocket,
+} from "../ffi/socket.ts";
 import { closeDescriptor } from "../ffi/socket.ts";
 import { MessageHeader } from "../ffi/structs.ts";
 import { PairedSocket } from "./paired_socket.ts";
@@ -96,6 +101,9 @@ export class BrokerConnection implements Disposable {
   /** The broker socket path. */
   readonly path: string;
   readonly #socket: UnixSocket;
+  // A request just sent cannot have its answer yet: the first receive waits, sparing a
+  // recvmsg that would find EAGAIN.
+  #justSent = false;
 
   /** Use {@link connectBroker}. */
   constructor(path: string, socket: UnixSocket) {
@@ -114,6 +122,7 @@ export class BrokerConnection implements Disposable {
         throw new BrokerClosedError(this.path);
       } else throw new OsError("send", -sent, this.path);
     }
+    this.#justSent = true;
   }
 
   /**
@@ -127,14 +136,16 @@ export class BrokerConnection implements Disposable {
     const descriptors: number[] = [];
     let received = 0;
     try {
+      if (this.#justSent) {
+        this.#justSent = false;
+        // The broker answers within microseconds once the partner is there.
+        await abortable(this.#socket.readiness.readable(true), signal);
+      }
       while (received < MESSAGE_SIZE) {
         replyHeader.prepareReceive(MESSAGE_SIZE - received);
         const count = receiveMessage(this.#socket.fd, replyHeader);
         if (count === -Errno.EAGAIN) {
-          const readable = this.#socket.readiness.readable();
-          // The broker answers within microseconds once the partner is there.
-          Reactor.instance().expectSoon();
-          await abortable(readable, signal);
+          await abortable(this.#socket.readiness.readable(true), signal);
           continue;
         }
         if (count === 0 || count === -Errno.ECONNRESET) {
@@ -232,10 +243,31 @@ export async function connectBroker(
   try {
     return new BrokerConnection(resolved, await connectUnix(resolved, signal));
   } catch (error) {
-    if (!(error instanceof OsError)) throw error;
-    const hint = connectHint(error.code, resolved);
-    throw hint === undefined ? error : new OsError("connect", error.errno, resolved, hint);
+    throw withHint(error, resolved);
   }
+}
+
+/** A failed connect to `path` with the hint of {@link connectHint}, if any. */
+function withHint(error: unknown, path: string): unknown {
+  if (!(error instanceof OsError)) return error;
+  const hint = connectHint(error.code, path);
+  return hint === undefined ? error : new OsError("connect", error.errno, path, hint);
+}
+
+/** {@link connectBroker} without a wait when the broker takes the connection at once. */
+function connectBrokerNow(path: string | undefined, signal?: AbortSignal) {
+  signal?.throwIfAborted();
+  const resolved = resolveSocketPath(path);
+  guardFallbackDirectory(resolved, false);
+  let socket;
+  try {
+    socket = tryConnectUnix(resolved);
+  } catch (error) {
+    throw withHint(error, resolved);
+  }
+  return socket === undefined
+    ? connectBroker(resolved, signal)
+    : new BrokerConnection(resolved, socket);
 }
 
 /**
@@ -258,7 +290,8 @@ export async function connectBroker(
 export async function getPair(key: Key, options: PairOptions = {}): Promise<PairedSocket> {
   const { socket, mode = "none", signal } = options;
   const bytes = keyBytes(key); // a bad key is the caller's error, whatever the broker's state
-  using connection = await connectBroker(socket, signal);
+  const connecting = connectBrokerNow(socket, signal);
+  using connection = connecting instanceof BrokerConnection ? connecting : await connecting;
   await connection.request(bytes, mode, signal);
   return await connection.receivePair(signal);
 }

@@ -6,7 +6,6 @@
  */
 
 import { Errno, OsError } from "../ffi/errors.ts";
-import { Reactor } from "../ffi/reactor.ts";
 import { readInto, sendFrom, setNonblocking, shutdownWrite, UnixSocket } from "../ffi/socket.ts";
 
 const STREAM_CHUNK_SIZE = 64 * 1024;
@@ -28,8 +27,10 @@ const STREAM_CHUNK_SIZE = 64 * 1024;
 export class PairedSocket implements AsyncDisposable {
   readonly #socket: UnixSocket;
   #nonblocking = false;
-  // Whether the last read filled its buffer: the peer is streaming.
+  // Whether bytes came in (went out) since the last wait: the peer is sending (reading)
+  // right now, and its next bytes (room) are microseconds away.
   #streaming = false;
+  #flowing = false;
   #stream?: ReadableStream<Uint8Array>;
   #writable?: WritableStream<Uint8Array>;
 
@@ -65,7 +66,7 @@ export class PairedSocket implements AsyncDisposable {
     for (;;) {
       const count = readInto(this.#open("read"), buffer as Uint8Array<ArrayBuffer>);
       if (count > 0) {
-        this.#streaming = count === buffer.length;
+        this.#streaming = true;
         return count;
       }
       if (count === 0) return buffer.length === 0 ? 0 : null;
@@ -76,17 +77,15 @@ export class PairedSocket implements AsyncDisposable {
   }
 
   /**
-   * Waits for bytes. After a read that filled its buffer the peer is
-   * streaming and its next bytes are microseconds away: the reactor waits
-   * for them on this thread rather than pay a hand-off to its helper thread.
+   * Waits for bytes. Right after bytes came in the peer is streaming and its
+   * next bytes are microseconds away: the reactor waits for them on this
+   * thread (up to a millisecond, once per wait) rather than pay a hand-off to
+   * its helper thread.
    */
   #readable(): Promise<void> {
-    const ready = this.#socket.readiness.readable();
-    if (this.#streaming) {
-      this.#streaming = false;
-      Reactor.instance().expectSoon();
-    }
-    return ready;
+    const soon = this.#streaming;
+    this.#streaming = false;
+    return this.#socket.readiness.readable(soon);
   }
 
   /** Writes all of `data`, waiting for room as needed; resolves to `data.length`. */
@@ -94,7 +93,10 @@ export class PairedSocket implements AsyncDisposable {
     try {
       const count = sendFrom(this.#open("write"), data as Uint8Array<ArrayBuffer>);
       // The common case: the kernel took it all, and nothing needs awaiting.
-      if (count === data.length) return Promise.resolve(count);
+      if (count === data.length) {
+        this.#flowing = true;
+        return Promise.resolve(count);
+      }
       return this.#writeRest(data as Uint8Array<ArrayBuffer>, count);
     } catch (error) {
       return Promise.reject(error);
@@ -106,13 +108,14 @@ export class PairedSocket implements AsyncDisposable {
     let rest = data;
     for (;;) {
       if (count >= 0) {
+        this.#flowing = true;
         rest = rest.subarray(count);
         if (rest.length === 0) return data.length;
       } else if (count === -Errno.EAGAIN) {
-        const ready = this.#socket.readiness.writable();
         // A full buffer after bytes went out: the reader is draining it right now.
-        if (rest.length < data.length) Reactor.instance().expectSoon();
-        await ready;
+        const soon = this.#flowing;
+        this.#flowing = false;
+        await this.#socket.readiness.writable(soon);
       } else {
         throw new OsError("write", -count);
       }
@@ -126,25 +129,21 @@ export class PairedSocket implements AsyncDisposable {
   }
 
   /**
-   * Fills as much of `target` as the kernel holds right now: the byte count,
-   * 0 for "nothing yet" (EAGAIN), or null at end of stream.
+   * One read into `target`: the byte count, 0 for "nothing yet" (EAGAIN), or
+   * null at end of stream. A short read is returned as it is: on a stream
+   * socket it means the kernel has nothing more, and asking again costs a
+   * system call that finds EAGAIN.
    */
-  #drain(target: Uint8Array<ArrayBuffer>): number | null {
-    const fd = this.#open("read");
-    let filled = 0;
-    while (filled < target.length) {
-      const count = readInto(fd, filled === 0 ? target : target.subarray(filled));
-      if (count > 0) {
-        filled += count;
-        continue;
-      }
-      if (count === -Errno.EAGAIN) break;
-      // End of stream (or a reset, which reads as one): what came before it goes out first.
-      if (count === 0 || count === -Errno.ECONNRESET) return filled > 0 ? filled : null;
-      throw new OsError("read", -count);
+  #readNow(target: Uint8Array<ArrayBuffer>): number | null {
+    const count = readInto(this.#open("read"), target);
+    if (count > 0) {
+      this.#streaming = true;
+      return count;
     }
-    if (filled > 0) this.#streaming = filled === target.length;
-    return filled;
+    if (count === -Errno.EAGAIN) return 0;
+    // A reset reads as end of stream, as in read().
+    if (count === 0 || count === -Errno.ECONNRESET) return null;
+    throw new OsError("read", -count);
   }
 
   /** The incoming bytes as a byte stream; cancelling it closes the socket. */
@@ -152,12 +151,12 @@ export class PairedSocket implements AsyncDisposable {
     return this.#stream ??= new ReadableStream({
       type: "bytes",
       autoAllocateChunkSize: STREAM_CHUNK_SIZE,
-      // Synchronous while the kernel has bytes: a pull awaits only after EAGAIN.
+      // Synchronous when the kernel has bytes: a pull awaits only after EAGAIN.
       pull: (controller) => {
         const request = controller.byobRequest!;
         const view = request.view!;
         const target = new Uint8Array(view.buffer, view.byteOffset, view.byteLength);
-        const filled = this.#drain(target);
+        const filled = this.#readNow(target);
         if (filled === null) {
           controller.close();
           request.respond(0);
@@ -178,7 +177,7 @@ export class PairedSocket implements AsyncDisposable {
     let filled: number | null = 0;
     while (filled === 0) {
       await this.#readable();
-      filled = this.#drain(target);
+      filled = this.#readNow(target);
     }
     const request = controller.byobRequest!;
     if (filled === null) {

@@ -131,7 +131,7 @@ export class Reactor {
   #running = false;
   #blocking = false;
   #lingerSlices = 0;
-  #expecting = false;
+  #expectations = 0;
   #stopped: Promise<void> = Promise.resolve();
 
   private constructor() {
@@ -234,15 +234,12 @@ export class Reactor {
   }
 
   /**
-   * Says that an event is due within about a millisecond (a local peer's
-   * reply to a request just sent, say): the next time the loop runs out of
-   * events, it waits up to one millisecond on the JavaScript thread before it
-   * hands the wait to a helper thread. The hand-off costs more CPU than the
-   * answer takes to arrive; the price is that timers and other I/O may wait
-   * that millisecond, once per call.
+   * @internal Waiters whose event is due within about a millisecond (see
+   * {@link Readiness.readable}); while there are any, the loop waits for
+   * them on the JavaScript thread before it hands the wait to a helper thread.
    */
-  expectSoon(): void {
-    this.#expecting = true;
+  adjustExpectations(delta: number): void {
+    this.#expectations += delta;
   }
 
   async #run(): Promise<void> {
@@ -251,13 +248,21 @@ export class Reactor {
       let failedWaits = 0;
       let dispatched = false;
       let lastTurn = performance.now();
+      // Whether everything runnable has had a turn since the loop last found events.
+      let turned = false;
+      // Whether a wait for expected events went unanswered since the last events came.
+      let spent = false;
       while (this.#references > 0) {
-        const waitMs = lingerLeft > 0 ? 1 : 0;
+        // Events are due and nothing else can run: wait for them here, one slice.
+        const expected = turned && !spent && this.#expectations > 0;
+        const waitMs = lingerLeft > 0 || expected ? 1 : 0;
         const ready = libc.epoll_wait(this.#epfd, this.#polled, MAX_EVENTS, waitMs);
         if (ready > 0) {
           this.#dispatch(this.#polledView, ready);
           lingerLeft = this.#lingerSlices;
           dispatched = true;
+          turned = false;
+          spent = false;
           // Continuations of what was just resolved run now; timers and other I/O get a
           // full turn at least every millisecond however busy the sockets are.
           if (performance.now() - lastTurn < TURN_INTERVAL_MS) {
@@ -268,14 +273,12 @@ export class Reactor {
           if (errno() !== Errno.EINTR) throw new OsError("epoll_wait", errno());
           continue;
         } else {
-          if (waitMs > 0) lingerLeft--;
-          if (!dispatched && waitMs === 0 && this.#expecting) {
-            // An answer is due: wait for it here, one slice, before any hand-off.
-            this.#expecting = false;
-            lingerLeft = 1;
-            continue;
-          }
-          if (!dispatched && waitMs === 0) {
+          if (lingerLeft > 0) lingerLeft--;
+          // One unanswered slice per quiet spell: a late answer comes through the helper thread.
+          if (expected) spent = true;
+          // Expected events not yet waited for get their slice after a turn (their waiter's
+          // partner may be in this process, about to run).
+          if (!dispatched && waitMs === 0 && (spent || this.#expectations === 0)) {
             // Quiet, and nothing left to run: hand the wait to a helper thread.
             this.#blocking = true;
             // A failed blocking wait set errno on the helper thread, out of our reach: retry,
@@ -291,6 +294,8 @@ export class Reactor {
             }
             if (waited > 0) this.#dispatch(this.#waitedView, waited);
             dispatched = waited > 0;
+            turned = false;
+            spent = false;
             lingerLeft = waited > 0 ? this.#lingerSlices : 0;
             continue;
           }
@@ -298,6 +303,7 @@ export class Reactor {
         // Resolved promise chains, timers and other I/O get a full turn.
         dispatched = false;
         await macrotask();
+        turned = true;
         lastTurn = performance.now();
       }
     } finally {
@@ -312,6 +318,9 @@ export const READABLE_EVENTS: number = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLER
 /** Bits that mean "a write will not block". */
 export const WRITABLE_EVENTS: number = EPOLLOUT | EPOLLHUP | EPOLLERR;
 
+const READ_INTEREST = EPOLLIN | EPOLLRDHUP | EPOLLET;
+const WRITE_INTEREST = EPOLLOUT | EPOLLET;
+
 /**
  * Edge-triggered readiness for one descriptor, as promises: an operation tries
  * its system call first and awaits only after `EAGAIN`.
@@ -319,22 +328,36 @@ export const WRITABLE_EVENTS: number = EPOLLOUT | EPOLLHUP | EPOLLERR;
 export class Readiness {
   readonly #fd: number;
   #watch?: Watch;
+  #interest = 0;
   #readWaiters: (() => void)[] = [];
   #writeWaiters: (() => void)[] = [];
+  // How many of the waiters above told the reactor their event is due soon.
+  #readSoon = 0;
+  #writeSoon = 0;
 
   /** @param fd a nonblocking descriptor, registered lazily on the first wait */
   constructor(fd: number) {
     this.#fd = fd;
   }
 
-  /** Resolves when the descriptor may have become readable. */
-  readable(): Promise<void> {
-    return this.#wait(this.#readWaiters);
+  /**
+   * Resolves when the descriptor may have become readable. With `soon`, the
+   * caller expects that within about a millisecond (a local peer's answer to
+   * a request just sent, the next bytes of a stream in full flow): the
+   * reactor then waits up to that long on the JavaScript thread before
+   * handing the wait to a helper thread, whose hand-off costs more CPU than
+   * such an answer takes to arrive. The price: timers and other I/O may wait
+   * that millisecond, once per quiet spell.
+   */
+  readable(soon = false): Promise<void> {
+    if (soon) this.#readSoon = this.#expect(this.#readSoon);
+    return this.#wait(this.#readWaiters, READ_INTEREST);
   }
 
-  /** Resolves when the descriptor may have become writable. */
-  writable(): Promise<void> {
-    return this.#wait(this.#writeWaiters);
+  /** Resolves when the descriptor may have become writable; `soon` as for {@link readable}. */
+  writable(soon = false): Promise<void> {
+    if (soon) this.#writeSoon = this.#expect(this.#writeSoon);
+    return this.#wait(this.#writeWaiters, WRITE_INTEREST);
   }
 
   /** Wakes every waiter (they retry and see the descriptor's state) and unregisters. */
@@ -344,21 +367,39 @@ export class Readiness {
     this.#onReady(READABLE_EVENTS | WRITABLE_EVENTS);
   }
 
-  #wait(waiters: (() => void)[]): Promise<void> {
+  #expect(count: number): number {
+    Reactor.instance().adjustExpectations(1);
+    return count + 1;
+  }
+
+  #wait(waiters: (() => void)[], interest: number): Promise<void> {
     const promise = new Promise<void>((resolve) => waiters.push(resolve));
-    // Adding an edge-triggered watch reports the current state, so no edge is missed.
-    this.#watch ??= Reactor.instance().watch(
-      this.#fd,
-      EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
-      (events) => this.#onReady(events),
-    );
+    // Only the directions waited for: a socket that is only read (a broker connection) then
+    // gets no EPOLLOUT event for being writable. Adding or changing an edge-triggered watch
+    // reports the current state, so no edge is missed.
+    if (this.#watch === undefined) {
+      this.#interest = interest;
+      this.#watch = Reactor.instance().watch(this.#fd, interest, (events) => this.#onReady(events));
+    } else if ((this.#interest & interest) !== interest) {
+      this.#interest |= interest;
+      this.#watch.modify(this.#interest);
+    }
     this.#watch.referenced = true;
     return promise;
   }
 
   #onReady(events: number): void {
-    if (events & READABLE_EVENTS) this.#readWaiters = settle(this.#readWaiters);
-    if (events & WRITABLE_EVENTS) this.#writeWaiters = settle(this.#writeWaiters);
+    const soon = (events & READABLE_EVENTS ? this.#readSoon : 0) +
+      (events & WRITABLE_EVENTS ? this.#writeSoon : 0);
+    if (soon > 0) Reactor.instance().adjustExpectations(-soon);
+    if (events & READABLE_EVENTS) {
+      this.#readSoon = 0;
+      this.#readWaiters = settle(this.#readWaiters);
+    }
+    if (events & WRITABLE_EVENTS) {
+      this.#writeSoon = 0;
+      this.#writeWaiters = settle(this.#writeWaiters);
+    }
     if (this.#watch && this.#readWaiters.length === 0 && this.#writeWaiters.length === 0) {
       this.#watch.referenced = false;
     }

@@ -252,18 +252,28 @@ function addressOf(path: string): Uint8Array {
 const CONNECT_RETRY_MS = [1, 2, 5, 10, 20, 50, 100];
 
 /**
+ * One attempt of {@link connectUnix}, synchronous: the connected socket, or
+ * undefined when the listener's backlog is full (`EAGAIN`).
+ */
+export function tryConnectUnix(path: string): UnixSocket | undefined {
+  const address = addressOf(path);
+  const socket = new UnixSocket(newSocket(SOCK_STREAM, path));
+  if (libc.connect(socket.fd, address, address.length) === 0) return socket;
+  const code = errno();
+  socket.close();
+  if (code !== Errno.EAGAIN) throw new OsError("connect", code, path);
+  return undefined;
+}
+
+/**
  * Connects a new nonblocking socket to the listener at `path`. A full backlog
  * is retried with a short back-off until `signal` aborts.
  */
 export async function connectUnix(path: string, signal?: AbortSignal): Promise<UnixSocket> {
-  const address = addressOf(path);
   for (let attempt = 0;; attempt++) {
     signal?.throwIfAborted();
-    const socket = new UnixSocket(newSocket(SOCK_STREAM, path));
-    if (libc.connect(socket.fd, address, address.length) === 0) return socket;
-    const code = errno();
-    socket.close();
-    if (code !== Errno.EAGAIN) throw new OsError("connect", code, path);
+    const socket = tryConnectUnix(path);
+    if (socket !== undefined) return socket;
     const delay = CONNECT_RETRY_MS[Math.min(attempt, CONNECT_RETRY_MS.length - 1)];
     await new Promise((resolve) => setTimeout(resolve, delay));
   }

@@ -305,3 +305,43 @@ Deno.test("a raw client that sends nothing and leaves costs the broker nothing",
     await eventually(() => broker.stats.open === 0, "the connection to be closed");
     assert.equal(broker.stats.rejected, 0);
   }));
+
+Deno.test("a SET_PAIR that arrives in two pieces, the descriptor with the first, is assembled", async () => {
+  const golden = await fixture("set_pair.bin");
+  const [ours, theirs] = freshPair();
+  const socket = await temporarySocketPath();
+  const listener = listenUnix(socket.path, 1);
+  Reactor.instance(); // its epoll and eventfd descriptors live as long as the process
+  const before = countOpenDescriptors();
+  try {
+    const pairing = getPair("pieces", { socket: socket.path });
+    let fd = acceptConnection(listener.fd);
+    while (fd < 0) {
+      await listener.readiness.readable();
+      fd = acceptConnection(listener.fd);
+    }
+    using connection = new UnixSocket(fd);
+    const first = new MessageHeader(golden.slice(0, 100) as Uint8Array<ArrayBuffer>, 1);
+    first.prepareSend(100, ours);
+    assert.equal(sendMessage(connection.fd, first), 100);
+    closeDescriptor(ours);
+    // Long enough that the client has given up its wait on the JavaScript thread.
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    const rest = new MessageHeader(golden.slice(100) as Uint8Array<ArrayBuffer>, 1);
+    rest.prepareSend(golden.length - 100, -1);
+    assert.equal(sendMessage(connection.fd, rest), golden.length - 100);
+    const paired = await pairing;
+    await paired.write(new Uint8Array([7]));
+    const buffer = new Uint8Array(1) as Uint8Array<ArrayBuffer>;
+    assert.equal(readInto(theirs, buffer), 1);
+    assert.equal(buffer[0], 7);
+    paired.close();
+  } finally {
+    closeDescriptor(theirs);
+    listener.close();
+    await Reactor.instance().stopped;
+    await socket.remove();
+  }
+  // Our three (both ends of the pair, the listener) are closed; nothing of the client's is left.
+  assert.equal(countOpenDescriptors(), before - 3);
+});

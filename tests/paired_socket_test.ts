@@ -189,3 +189,25 @@ Deno.test("a reader that filled its buffer and then waits still wakes for a slow
     closeDescriptor(fd);
     b.close();
   }));
+
+Deno.test("a reader waiting on its own thread for bytes that do not come leaves timers running", () =>
+  leakFree(async () => {
+    // After bytes came in, the next wait starts on the JavaScript thread: at most one slice,
+    // then the helper thread takes it and timers run as usual.
+    const [a, b] = pair();
+    await a.write(new Uint8Array(64));
+    const buffer = new Uint8Array(64);
+    assert.equal(await b.read(buffer), 64);
+    const next = b.read(buffer);
+    let worstLateness = 0;
+    for (let i = 0; i < 10; i++) {
+      const start = performance.now();
+      await later(5);
+      worstLateness = Math.max(worstLateness, performance.now() - start - 5);
+    }
+    assert.ok(worstLateness < 50, `a 5 ms timer came ${worstLateness.toFixed(1)} ms late`);
+    await a.write(new Uint8Array([1]));
+    assert.equal(await next, 1);
+    a.close();
+    b.close();
+  }));
