@@ -39,6 +39,8 @@ const logger = getLogger(["one-socket", "reactor"]);
 export type ReadyHandler = (events: number) => void;
 
 const MAX_EVENTS = 512;
+// How long an expected event (Readiness.readable(true)) may keep the loop on its own thread.
+const EXPECT_MS = 1;
 // The longest a busy loop keeps timers, signals and other I/O waiting for a turn.
 const TURN_INTERVAL_MS = 1;
 
@@ -131,7 +133,10 @@ export class Reactor {
   #running = false;
   #blocking = false;
   #lingerSlices = 0;
-  #expectations = 0;
+  // Until when an event is expected (performance.now()), and whether that was said after the
+  // loop's last full turn: the waiter's partner may be in this process, yet to run.
+  #expectedUntil = 0;
+  #expectedFresh = false;
   #stopped: Promise<void> = Promise.resolve();
 
   private constructor() {
@@ -234,12 +239,15 @@ export class Reactor {
   }
 
   /**
-   * @internal Waiters whose event is due within about a millisecond (see
-   * {@link Readiness.readable}); while there are any, the loop waits for
-   * them on the JavaScript thread before it hands the wait to a helper thread.
+   * @internal An event is due within about a millisecond (see
+   * {@link Readiness.readable}): until then, the loop waits for events on
+   * the JavaScript thread, once everything else has had a turn, instead of
+   * handing the wait to a helper thread. An expectation that does not come
+   * true costs that millisecond once and never again.
    */
-  adjustExpectations(delta: number): void {
-    this.#expectations += delta;
+  expectSoon(): void {
+    this.#expectedUntil = performance.now() + EXPECT_MS;
+    this.#expectedFresh = true;
   }
 
   async #run(): Promise<void> {
@@ -248,21 +256,19 @@ export class Reactor {
       let failedWaits = 0;
       let dispatched = false;
       let lastTurn = performance.now();
-      // Whether everything runnable has had a turn since the loop last found events.
-      let turned = false;
-      // Whether a wait for expected events went unanswered since the last events came.
-      let spent = false;
       while (this.#references > 0) {
-        // Events are due and nothing else can run: wait for them here, one slice.
-        const expected = turned && !spent && this.#expectations > 0;
+        // An event is due and everything else has had its turn: wait for it here, one slice.
+        let expected = false;
+        if (this.#expectedUntil !== 0 && !this.#expectedFresh) {
+          expected = this.#expectedUntil > performance.now();
+          if (!expected) this.#expectedUntil = 0;
+        }
         const waitMs = lingerLeft > 0 || expected ? 1 : 0;
         const ready = libc.epoll_wait(this.#epfd, this.#polled, MAX_EVENTS, waitMs);
         if (ready > 0) {
           this.#dispatch(this.#polledView, ready);
           lingerLeft = this.#lingerSlices;
           dispatched = true;
-          turned = false;
-          spent = false;
           // Continuations of what was just resolved run now; timers and other I/O get a
           // full turn at least every millisecond however busy the sockets are.
           if (performance.now() - lastTurn < TURN_INTERVAL_MS) {
@@ -274,11 +280,10 @@ export class Reactor {
           continue;
         } else {
           if (lingerLeft > 0) lingerLeft--;
-          // One unanswered slice per quiet spell: a late answer comes through the helper thread.
-          if (expected) spent = true;
-          // Expected events not yet waited for get their slice after a turn (their waiter's
-          // partner may be in this process, about to run).
-          if (!dispatched && waitMs === 0 && (spent || this.#expectations === 0)) {
+          // An unanswered slice ends the expectation: a late answer comes through the helper.
+          if (expected) this.#expectedUntil = 0;
+          // A fresh expectation gets its slice after a turn.
+          if (!dispatched && waitMs === 0 && !this.#expectedFresh) {
             // Quiet, and nothing left to run: hand the wait to a helper thread.
             this.#blocking = true;
             // A failed blocking wait set errno on the helper thread, out of our reach: retry,
@@ -294,8 +299,6 @@ export class Reactor {
             }
             if (waited > 0) this.#dispatch(this.#waitedView, waited);
             dispatched = waited > 0;
-            turned = false;
-            spent = false;
             lingerLeft = waited > 0 ? this.#lingerSlices : 0;
             continue;
           }
@@ -303,7 +306,7 @@ export class Reactor {
         // Resolved promise chains, timers and other I/O get a full turn.
         dispatched = false;
         await macrotask();
-        turned = true;
+        this.#expectedFresh = false;
         lastTurn = performance.now();
       }
     } finally {
@@ -331,9 +334,6 @@ export class Readiness {
   #interest = 0;
   #readWaiters: (() => void)[] = [];
   #writeWaiters: (() => void)[] = [];
-  // How many of the waiters above told the reactor their event is due soon.
-  #readSoon = 0;
-  #writeSoon = 0;
 
   /** @param fd a nonblocking descriptor, registered lazily on the first wait */
   constructor(fd: number) {
@@ -347,16 +347,16 @@ export class Readiness {
    * reactor then waits up to that long on the JavaScript thread before
    * handing the wait to a helper thread, whose hand-off costs more CPU than
    * such an answer takes to arrive. The price: timers and other I/O may wait
-   * that millisecond, once per quiet spell.
+   * up to that millisecond, once per such call.
    */
   readable(soon = false): Promise<void> {
-    if (soon) this.#readSoon = this.#expect(this.#readSoon);
+    if (soon) Reactor.instance().expectSoon();
     return this.#wait(this.#readWaiters, READ_INTEREST);
   }
 
   /** Resolves when the descriptor may have become writable; `soon` as for {@link readable}. */
   writable(soon = false): Promise<void> {
-    if (soon) this.#writeSoon = this.#expect(this.#writeSoon);
+    if (soon) Reactor.instance().expectSoon();
     return this.#wait(this.#writeWaiters, WRITE_INTEREST);
   }
 
@@ -365,11 +365,6 @@ export class Readiness {
     this.#watch?.cancel(closing);
     this.#watch = undefined;
     this.#onReady(READABLE_EVENTS | WRITABLE_EVENTS);
-  }
-
-  #expect(count: number): number {
-    Reactor.instance().adjustExpectations(1);
-    return count + 1;
   }
 
   #wait(waiters: (() => void)[], interest: number): Promise<void> {
@@ -389,17 +384,8 @@ export class Readiness {
   }
 
   #onReady(events: number): void {
-    const soon = (events & READABLE_EVENTS ? this.#readSoon : 0) +
-      (events & WRITABLE_EVENTS ? this.#writeSoon : 0);
-    if (soon > 0) Reactor.instance().adjustExpectations(-soon);
-    if (events & READABLE_EVENTS) {
-      this.#readSoon = 0;
-      this.#readWaiters = settle(this.#readWaiters);
-    }
-    if (events & WRITABLE_EVENTS) {
-      this.#writeSoon = 0;
-      this.#writeWaiters = settle(this.#writeWaiters);
-    }
+    if (events & READABLE_EVENTS) this.#readWaiters = settle(this.#readWaiters);
+    if (events & WRITABLE_EVENTS) this.#writeWaiters = settle(this.#writeWaiters);
     if (this.#watch && this.#readWaiters.length === 0 && this.#writeWaiters.length === 0) {
       this.#watch.referenced = false;
     }
