@@ -12,6 +12,15 @@
  *   against a plain C write loop and read loop on a socketpair (`loadgen
  *   socketpair`). The rate is the reader's, from its first byte to end of
  *   stream; the CPU time is ours where we take part.
+ * - Against Deno's own Unix sockets: a child process writes through one API
+ *   and another reads through the same API, {@link PairedSocket}
+ *   streams against `Deno.connect({ transport: "unix" })` streams, and
+ *   `PairedSocket.read`/`write` against `Deno.UnixConn.read`/`write` (into a
+ *   reused buffer), taking turns run by run.
+ *
+ * Then the ratios against issue 9's targets: our getPair's client CPU at most
+ * 1.5 times the C client's, our streams at least 0.9 of Deno's, our
+ * read/write at least 0.95 of Deno's.
  *
  * Usage:
  * ```sh
@@ -44,8 +53,10 @@ import {
 const USAGE = `Usage: deno task bench:client [OPTIONS]
 
 Times a pairing round trip through the library against the C generator on an
-idle broker (ours and the C floor), and bytes per second through a paired
-socket with the library's streams against a plain C loop on a socketpair.
+idle broker (ours and the C floor), bytes per second through a paired socket
+with the library's streams against a plain C loop on a socketpair, and the
+library's streams and read/write against Deno's own Unix sockets; then the
+ratios against issue 9's targets.
 Needs \`deno task build:c\` (the task runs it).
 
 Options:
@@ -57,7 +68,13 @@ Options:
   --json       print one JSON object instead of the tables
   -h, --help   show this help`;
 
+/** What a child (`--peer`) writes or reads through. */
+type PeerKind = "deno-streams" | "deno-calls" | "library-streams" | "library-calls";
+const PEER_KINDS: PeerKind[] = ["deno-streams", "deno-calls", "library-streams", "library-calls"];
+
 interface Options {
+  /** Set in a child only: the API it goes through, its side, and where it meets the other. */
+  peer?: { kind: PeerKind; role: "read" | "write"; path: string; key: string };
   pairs: number;
   warmup: number;
   bytes: number;
@@ -78,12 +95,29 @@ function parseOptions(args: string[]): Options | undefined {
       chunk: { type: "string", default: "65536" },
       runs: { type: "string", default: "3" },
       json: { type: "boolean", default: false },
+      // Internal: this script as a child of the comparison with Deno's sockets.
+      peer: { type: "string" },
+      role: { type: "string", default: "write" },
+      path: { type: "string" },
+      key: { type: "string", default: "" },
       help: { type: "boolean", short: "h", default: false },
     },
   });
   if (values.help) return undefined;
   if (positionals.length > 0) throw new UsageError(`unexpected argument ${positionals[0]}`);
+  const kind = values.peer as PeerKind | undefined;
+  const role = values.role;
+  if (
+    kind !== undefined &&
+    (!PEER_KINDS.includes(kind) || values.path === undefined ||
+      (role !== "read" && role !== "write"))
+  ) {
+    throw new UsageError(`--peer wants one of ${PEER_KINDS.join(", ")}, --role and --path`);
+  }
   return {
+    peer: kind === undefined
+      ? undefined
+      : { kind, role: role as "read" | "write", path: values.path!, key: values.key },
     pairs: integerOption("pairs", values.pairs),
     warmup: integerOption("warmup", values.warmup, true),
     bytes: integerOption("bytes", values.bytes),
@@ -243,6 +277,191 @@ async function cSocketpair(options: Options): Promise<Transfer> {
   return { bytesPerSecond };
 }
 
+/** Something to write to and read from: a Deno.UnixConn or a PairedSocket. */
+type Duplex = {
+  readable: ReadableStream<Uint8Array>;
+  writable: WritableStream<Uint8Array>;
+  read(buffer: Uint8Array): Promise<number | null>;
+  write(data: Uint8Array): Promise<number>;
+  close(): void;
+};
+
+/** Connects to the reader child's listener, which may not be up yet. */
+async function connectDeno(path: string): Promise<Deno.UnixConn> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    try {
+      return await Deno.connect({ transport: "unix", path });
+    } catch (error) {
+      const early = error instanceof Deno.errors.NotFound ||
+        error instanceof Deno.errors.ConnectionRefused;
+      if (!early || Date.now() > deadline) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+  }
+}
+
+/** The writer child: `bytes` through its API of choice, then close. */
+async function writePeer(options: Options): Promise<void> {
+  const { kind, path, key } = options.peer!;
+  const socket: Duplex = kind.startsWith("deno")
+    ? await connectDeno(path)
+    : await getPair(key, { socket: path, mode: "client" });
+  if (kind.endsWith("streams")) {
+    await source(options.bytes, options.chunk).pipeTo(socket.writable);
+  } else {
+    const data = new Uint8Array(options.chunk);
+    for (let left = options.bytes; left > 0;) {
+      // Deno.UnixConn.write may take part of a chunk (PairedSocket.write takes it all).
+      left -= await socket.write(left >= options.chunk ? data : data.subarray(0, left));
+    }
+  }
+  try {
+    socket.close();
+  } catch {
+    // The stream's close already closed a Deno.UnixConn.
+  }
+}
+
+/** Reads `socket` to end of stream through the API `kind` names; rate from the first byte. */
+async function readAll(socket: Duplex, kind: PeerKind, options: Options): Promise<Transfer> {
+  let bytes = 0;
+  let start = 0;
+  let cpuBefore = 0;
+  const first = () => {
+    start = performance.now();
+    cpuBefore = ownCpuMicros();
+  };
+  if (kind.endsWith("streams")) {
+    for await (const chunk of socket.readable) {
+      if (bytes === 0) first();
+      bytes += chunk.length;
+    }
+  } else {
+    const buffer = new Uint8Array(options.chunk);
+    for (let count; (count = await socket.read(buffer)) !== null;) {
+      if (bytes === 0) first();
+      bytes += count;
+    }
+  }
+  const seconds = (performance.now() - start) / 1000;
+  const cpu = ownCpuMicros() - cpuBefore;
+  if (bytes !== options.bytes) throw new Error(`${kind}: read ${bytes} bytes of ${options.bytes}`);
+  return { bytesPerSecond: bytes / seconds, cpuMillisPerGiB: cpu / 1000 / (bytes / 2 ** 30) };
+}
+
+/** The reader child: reads to end of stream through its API, prints the {@link Transfer}. */
+async function readPeer(options: Options): Promise<void> {
+  const { kind, path, key } = options.peer!;
+  let socket: Duplex;
+  if (kind.startsWith("deno")) {
+    using listener = Deno.listen({ transport: "unix", path });
+    socket = await listener.accept();
+  } else {
+    socket = await getPair(key, { socket: path, mode: "server" });
+  }
+  let result: Transfer;
+  try {
+    result = await readAll(socket, kind, options);
+  } finally {
+    try {
+      socket.close();
+    } catch {
+      // The readable's end already closed a Deno.UnixConn.
+    }
+  }
+  console.log(JSON.stringify(result));
+}
+
+/**
+ * A child of this script on `role`'s side for `kind`, meeting the other at
+ * `path` (with `key` through the broker). Children, not this process: Deno's
+ * Unix sockets need --allow-net, which the benchmark itself goes without.
+ */
+function spawnPeer(
+  kind: PeerKind,
+  role: "read" | "write",
+  path: string,
+  key: string,
+  options: Options,
+) {
+  return new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-ffi",
+      "--allow-read",
+      "--allow-write",
+      "--allow-env",
+      "--allow-net",
+      new URL(import.meta.url).pathname,
+      `--peer=${kind}`,
+      `--role=${role}`,
+      `--path=${path}`,
+      `--key=${key}`,
+      `--bytes=${options.bytes}`,
+      `--chunk=${options.chunk}`,
+    ],
+    stdin: "null",
+    stdout: role === "read" ? "piped" : "null",
+    stderr: "inherit",
+  }).spawn();
+}
+
+/** One run of `kind`: a writer child and a reader child through that API; the reader's rate. */
+async function againstDeno(
+  kind: PeerKind,
+  directory: string,
+  brokerSocket: string,
+  options: Options,
+): Promise<Transfer> {
+  const deno = kind.startsWith("deno");
+  const path = deno ? `${directory}/deno-${++keySequence}.socket` : brokerSocket;
+  const key = deno ? "" : keyPrefix + keySequence++;
+  const reader = spawnPeer(kind, "read", path, key, options);
+  const writer = spawnPeer(kind, "write", path, key, options);
+  const [read, written] = await Promise.all([reader.output(), writer.status]);
+  if (!read.success) throw new Error(`the ${kind} reader exited with code ${read.code}`);
+  if (!written.success) throw new Error(`the ${kind} writer exited with code ${written.code}`);
+  return JSON.parse(new TextDecoder().decode(read.stdout));
+}
+
+/** A ratio issue 9 bounds. */
+interface Verdict {
+  measure: string;
+  ratio: number;
+  limit: string;
+  met: boolean;
+}
+
+function verdict(measure: string, ratio: number, limit: number, atMost: boolean): Verdict {
+  return {
+    measure,
+    ratio,
+    limit: `${atMost ? "≤" : "≥"} ${limit}`,
+    met: atMost ? ratio <= limit : ratio >= limit,
+  };
+}
+
+const DENO_COLUMNS: [string, number][] = [
+  ["API (writer child → reader child)", -40],
+  ["MiB/s", 7],
+  ["reader CPU ms/GiB", 17],
+];
+
+const TARGET_COLUMNS: [string, number][] = [
+  ["measure", -44],
+  ["ratio", 5],
+  ["target", 6],
+  ["verdict", -7],
+];
+
+const DENO_LABELS: Record<PeerKind, string> = {
+  "deno-streams": "Deno.UnixConn readable/writable",
+  "library-streams": "PairedSocket readable/writable",
+  "deno-calls": "Deno.UnixConn read/write",
+  "library-calls": "PairedSocket read/write",
+};
+
 const ROUND_TRIP_COLUMNS: [string, number][] = [
   ["broker", -6],
   ["client", -7],
@@ -262,6 +481,10 @@ async function main(args: string[]): Promise<number> {
   const start = await startScript("bench:client", USAGE, parseOptions, args);
   if (typeof start === "number") return start;
   const { options, machine, command } = start;
+  if (options.peer !== undefined) {
+    await (options.peer.role === "read" ? readPeer(options) : writePeer(options));
+    return 0;
+  }
   const say = options.json ? () => {} : console.log;
   for (const line of machineLines(machine, command)) say(line);
   try {
@@ -345,8 +568,73 @@ async function main(args: string[]): Promise<number> {
         TRANSFER_COLUMNS.map(([, w]) => w),
       ));
     }
+    // Taking turns again, so that drift on a shared machine hits every API alike.
+    const denoRuns = new Map<PeerKind, Transfer[]>(PEER_KINDS.map((kind) => [kind, []]));
+    for (let i = 0; i < options.runs; i++) {
+      for (const kind of PEER_KINDS) {
+        denoRuns.get(kind)!.push(await againstDeno(kind, directory.path, handle.socket, options));
+      }
+    }
+    const denoTransfers = PEER_KINDS.map((kind) => {
+      const results = denoRuns.get(kind)!;
+      return {
+        api: kind,
+        bytesPerSecond: median(results.map((r) => r.bytesPerSecond)),
+        cpuMillisPerGiB: median(results.map((r) => r.cpuMillisPerGiB!)),
+      };
+    });
+    say(
+      `\nagainst Deno's Unix sockets, ${integer(options.bytes)} per run in ` +
+        `${integer(options.chunk)}-byte chunks, medians of ${options.runs} interleaved runs`,
+    );
+    say(tableLine(DENO_COLUMNS.map(([h]) => h), DENO_COLUMNS.map(([, w]) => w)));
+    for (const t of denoTransfers) {
+      say(tableLine(
+        [DENO_LABELS[t.api], integer(t.bytesPerSecond / 2 ** 20), integer(t.cpuMillisPerGiB)],
+        DENO_COLUMNS.map(([, w]) => w),
+      ));
+    }
+
+    const rate = (api: PeerKind) => denoTransfers.find((t) => t.api === api)!.bytesPerSecond;
+    const cpu = (broker: BrokerKind, client: string) =>
+      roundTrips.find((r) => r.broker === broker && r.client === client)!.median
+        .clientCpuMicrosPerPair;
+    const targets = [
+      ...(["floor", "ours"] as const).map((broker) =>
+        verdict(
+          `getPair client CPU / C client's (${broker} broker)`,
+          cpu(broker, "library") / cpu(broker, "C"),
+          1.5,
+          true,
+        )
+      ),
+      verdict(
+        "PairedSocket streams / Deno.UnixConn streams",
+        rate("library-streams") / rate("deno-streams"),
+        0.9,
+        false,
+      ),
+      verdict(
+        "PairedSocket read/write / Deno.UnixConn's",
+        rate("library-calls") / rate("deno-calls"),
+        0.95,
+        false,
+      ),
+    ];
+    say(`\ntargets (issue 9): ratios of the medians above`);
+    say(tableLine(TARGET_COLUMNS.map(([h]) => h), TARGET_COLUMNS.map(([, w]) => w)));
+    for (const v of targets) {
+      say(tableLine(
+        [v.measure, v.ratio.toFixed(2), v.limit, v.met ? "met" : "missed"],
+        TARGET_COLUMNS.map(([, w]) => w),
+      ));
+    }
     if (options.json) {
-      console.log(JSON.stringify({ machine, command, options, roundTrips, transfers }, null, 2));
+      console.log(JSON.stringify(
+        { machine, command, options, roundTrips, transfers, denoTransfers, targets },
+        null,
+        2,
+      ));
     }
   } catch (error) {
     console.error(`bench:client: ${error instanceof Error ? error.message : error}`);
