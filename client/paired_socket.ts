@@ -15,6 +15,13 @@ const STREAM_CHUNK_SIZE = 64 * 1024;
  * socket shared with exactly one peer. It owns its descriptor until
  * {@link close} or {@link detach}.
  *
+ * Reads and writes are system calls on the JavaScript thread; only waiting
+ * for the peer goes through the process's event loop. While bytes flow, a
+ * read (or write) that finds nothing (no room) waits up to a millisecond on
+ * the JavaScript thread before the loop hands the wait to a helper thread:
+ * the hand-off costs more than the peer takes to send its next chunk, and the
+ * price is that timers and other I/O may wait that long, once per such wait.
+ *
  * @example Echo one message back
  * ```ts
  * import { getPair } from "./mod.ts";
