@@ -257,6 +257,14 @@ export class Reactor {
       let dispatched = false;
       let lastTurn = performance.now();
       while (this.#references > 0) {
+        // A fresh expectation waits for the turn below anyway, and the wait after the turn
+        // sees whatever is ready now: no poll before it.
+        if (this.#expectedFresh && !dispatched) {
+          await macrotask();
+          this.#expectedFresh = false;
+          lastTurn = performance.now();
+          continue;
+        }
         // An event is due and everything else has had its turn: wait for it here, one slice.
         let expected = false;
         if (this.#expectedUntil !== 0 && !this.#expectedFresh) {
