@@ -61,7 +61,9 @@ Options:
                        waiters (default 1,16,128,1024,16+10000)
   --pairs N            measured pairings per run (default 30000)
   --runs N             runs per broker and load; medians are reported (default 5)
-  --warmup N           unmeasured pairings before each run (default 2000)
+  --warmup N           unmeasured pairings before each run (default 20000: V8 compiles the
+                       hot path on background threads, which count as the broker's CPU,
+                       during the first ten thousand or so)
   --deno-flags FLAGS   more flags for our broker's \`deno run\`, space-separated
                        (e.g. --deno-flags="--cpu-prof --cpu-prof-dir=prof")
   --json               print one JSON object instead of the tables
@@ -171,7 +173,7 @@ function parseOptions(args: string[]): Options | undefined {
       loads: { type: "string", default: "1,16,128,1024,16+10000" },
       pairs: { type: "string", default: "30000" },
       runs: { type: "string", default: "5" },
-      warmup: { type: "string", default: "2000" },
+      warmup: { type: "string", default: "20000" },
       "deno-flags": { type: "string", default: "" },
       json: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
