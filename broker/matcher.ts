@@ -230,16 +230,10 @@ function sameKey(
 
 /**
  * How the matcher hashes a key (`length` bytes of `bytes` from `offset`) in
- * a scope under a seed of two 32-bit words, to 30 bits.
+ * a scope under a seed of two 32-bit words, to 30 bits: {@linkcode hashKey}'s
+ * shape (a test's hash may ignore any of the arguments).
  */
-export type KeyHash = (
-  bytes: Uint8Array,
-  offset: number,
-  length: number,
-  scope: number,
-  seed0: number,
-  seed1: number,
-) => number;
+export type KeyHash = typeof hashKey;
 
 const rotate = (x: number, bits: number) => (x << bits) | (x >>> (32 - bits));
 
