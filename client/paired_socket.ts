@@ -70,15 +70,14 @@ export class PairedSocket implements AsyncDisposable {
    * (the peer closed or shut down its writing side).
    */
   async read(buffer: Uint8Array): Promise<number | null> {
+    // An empty read asks for nothing: it must not look like end of stream.
+    if (buffer.length === 0) {
+      this.#open("read"); // a closed socket still throws
+      return 0;
+    }
     for (;;) {
-      const count = readInto(this.#open("read"), buffer as Uint8Array<ArrayBuffer>);
-      if (count > 0) {
-        this.#streaming = true;
-        return count;
-      }
-      if (count === 0) return buffer.length === 0 ? 0 : null;
-      if (count === -Errno.ECONNRESET) return null;
-      if (count !== -Errno.EAGAIN) throw new OsError("read", -count);
+      const count = this.#readNow(buffer as Uint8Array<ArrayBuffer>);
+      if (count !== 0) return count;
       await this.#readable();
     }
   }

@@ -211,3 +211,19 @@ Deno.test("a reader waiting on its own thread for bytes that do not come leaves 
     a.close();
     b.close();
   }));
+
+Deno.test("a read into an empty buffer returns 0 at once, before and after end of stream, and throws once closed", () =>
+  leakFree(async () => {
+    const [a, b] = pair();
+    assert.equal(await b.read(new Uint8Array(0)), 0, "nothing sent yet: no wait");
+    await a.write(new Uint8Array([1]));
+    assert.equal(await b.read(new Uint8Array(0)), 0, "bytes pending stay pending");
+    a.close();
+    assert.equal(await b.read(new Uint8Array(0)), 0, "not end of stream");
+    const buffer = new Uint8Array(4);
+    assert.equal(await b.read(buffer), 1);
+    assert.equal(buffer[0], 1);
+    assert.equal(await b.read(buffer), null);
+    b.close();
+    await assert.rejects(() => b.read(new Uint8Array(0)), Deno.errors.BadResource);
+  }));
