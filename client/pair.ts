@@ -84,6 +84,9 @@ function abortable<T>(promise: Promise<T>, signal?: AbortSignal): Promise<T> {
 
 // Every recvmsg below is synchronous, so one header serves all connections.
 const replyHeader = new MessageHeader(new Uint8Array(MESSAGE_SIZE), 8);
+// Requests are encoded and sent synchronously (a rest that must wait is copied), so
+// one frame serves all connections too.
+const requestFrame = new Uint8Array(MESSAGE_SIZE);
 
 /**
  * A connection to the broker, for one request. Owns its descriptor.
@@ -113,12 +116,15 @@ export class BrokerConnection implements Disposable {
 
   /** Sends the `GET_PAIR` request for `key` in `mode`. */
   async request(key: Key, mode: Mode = "none", signal?: AbortSignal): Promise<void> {
-    let rest = encodeGetPair(key, mode) as Uint8Array<ArrayBuffer>;
+    let rest = encodeGetPair(key, mode, requestFrame) as Uint8Array<ArrayBuffer>;
     while (rest.length > 0) {
       const sent = sendFrom(this.#socket.fd, rest);
       if (sent >= 0) rest = rest.subarray(sent);
-      else if (sent === -Errno.EAGAIN) await abortable(this.#socket.readiness.writable(), signal);
-      else if (sent === -Errno.EPIPE || sent === -Errno.ECONNRESET) {
+      else if (sent === -Errno.EAGAIN) {
+        // Once we await, the shared frame is the next request's: keep our own rest.
+        if (rest.buffer === requestFrame.buffer) rest = rest.slice();
+        await abortable(this.#socket.readiness.writable(), signal);
+      } else if (sent === -Errno.EPIPE || sent === -Errno.ECONNRESET) {
         throw new BrokerClosedError(this.path);
       } else throw new OsError("send", -sent, this.path);
     }

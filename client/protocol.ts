@@ -351,8 +351,11 @@ function putU16(frame: Uint8Array, offset: number, value: number): void {
   frame[offset + 1] = value >>> 8;
 }
 
-function header(request: number, size: number): Uint8Array {
-  const frame = new Uint8Array(MESSAGE_SIZE);
+function header(
+  request: number,
+  size: number,
+  frame: Uint8Array = new Uint8Array(MESSAGE_SIZE),
+): Uint8Array {
   putU32(frame, 0, request);
   putU32(frame, 4, PROTOCOL_VERSION);
   putU32(frame, 8, size);
@@ -384,7 +387,10 @@ export interface GetPair {
  *
  * @param key The pairing key, 1 to 1024 bytes (strings UTF-8 encoded).
  * @param mode The mode to be paired in.
- * @returns A fresh 1044-byte message.
+ * @param into A 1044-byte buffer to write the message into (every byte is
+ * written), for a caller that sends it at once and reuses the buffer;
+ * default a fresh one.
+ * @returns The 1044-byte message: `into`, or a fresh buffer.
  * @throws {RangeError} If the key is empty or longer than 1024 bytes.
  * @throws {TypeError} If `mode` is not a mode.
  *
@@ -397,13 +403,23 @@ export interface GetPair {
  * assert.equal(frame.length, MESSAGE_SIZE);
  * assert.equal(frame[12], 2); // mode server
  * assert.equal(frame[14], 12); // key_len
+ *
+ * const reused = new Uint8Array(MESSAGE_SIZE);
+ * assert.equal(encodeGetPair("k", "none", reused), reused);
  * ```
  */
-export function encodeGetPair(key: Key, mode: Mode): Uint8Array {
+export function encodeGetPair(key: Key, mode: Mode, into?: Uint8Array): Uint8Array {
   const wireMode = MODES.indexOf(mode);
   if (wireMode < 0) throw new TypeError(`invalid mode ${JSON.stringify(mode)}`);
   const bytes = keyBytes(key);
-  const frame = header(REQUEST_GET_PAIR, GET_PAIR_PAYLOAD_SIZE);
+  if (into !== undefined && into.length !== MESSAGE_SIZE) {
+    throw new RangeError(
+      `encodeGetPair: the buffer must be ${MESSAGE_SIZE} bytes, not ${into.length}`,
+    );
+  }
+  // A reused buffer keeps no byte of its last message: the padding after the key is zeros.
+  into?.fill(0, KEY_OFFSET + bytes.length);
+  const frame = header(REQUEST_GET_PAIR, GET_PAIR_PAYLOAD_SIZE, into);
   putU16(frame, MODE_OFFSET, wireMode);
   putU16(frame, KEY_LEN_OFFSET, bytes.length);
   frame.set(bytes, KEY_OFFSET);

@@ -433,3 +433,11 @@ Deno.test("describeKey cuts keys beyond 128 bytes and gives their length", () =>
   assert.equal(describeKey(at(129)), "b".repeat(128) + "…(129 bytes)");
   assert.equal(describeKey(new Uint8Array(1024)), "\\x00".repeat(128) + "…(1024 bytes)");
 });
+
+Deno.test("encodeGetPair into a reused buffer writes every byte: nothing of a longer earlier key remains", () => {
+  const buffer = new Uint8Array(MESSAGE_SIZE).fill(0xee);
+  encodeGetPair("a much longer key than the next one", "server", buffer);
+  assert.equal(encodeGetPair("short", "client", buffer), buffer);
+  assert.deepEqual(buffer, encodeGetPair("short", "client"));
+  assert.throws(() => encodeGetPair("k", "none", new Uint8Array(GET_PAIR_MIN_SIZE)), RangeError);
+});
