@@ -244,13 +244,7 @@ export async function connectBroker(
   path?: string,
   signal?: AbortSignal,
 ): Promise<BrokerConnection> {
-  const resolved = resolveSocketPath(path);
-  guardFallbackDirectory(resolved, false);
-  try {
-    return new BrokerConnection(resolved, await connectUnix(resolved, signal));
-  } catch (error) {
-    throw withHint(error, resolved);
-  }
+  return await openBrokerConnection(path, signal);
 }
 
 /** A failed connect to `path` with the hint of {@link connectHint}, if any. */
@@ -260,8 +254,14 @@ function withHint(error: unknown, path: string): unknown {
   return hint === undefined ? error : new OsError("connect", error.errno, path, hint);
 }
 
-/** {@link connectBroker} without a wait when the broker takes the connection at once. */
-function connectBrokerNow(path: string | undefined, signal?: AbortSignal) {
+/**
+ * {@link connectBroker}'s work, without a promise when the broker takes the
+ * connection at once (it nearly always does); a full backlog is retried.
+ */
+function openBrokerConnection(
+  path: string | undefined,
+  signal?: AbortSignal,
+): BrokerConnection | Promise<BrokerConnection> {
   signal?.throwIfAborted();
   const resolved = resolveSocketPath(path);
   guardFallbackDirectory(resolved, false);
@@ -271,9 +271,13 @@ function connectBrokerNow(path: string | undefined, signal?: AbortSignal) {
   } catch (error) {
     throw withHint(error, resolved);
   }
-  return socket === undefined
-    ? connectBroker(resolved, signal)
-    : new BrokerConnection(resolved, socket);
+  if (socket !== undefined) return new BrokerConnection(resolved, socket);
+  return connectUnix(resolved, signal).then(
+    (connected) => new BrokerConnection(resolved, connected),
+    (error) => {
+      throw withHint(error, resolved);
+    },
+  );
 }
 
 /**
@@ -296,7 +300,7 @@ function connectBrokerNow(path: string | undefined, signal?: AbortSignal) {
 export async function getPair(key: Key, options: PairOptions = {}): Promise<PairedSocket> {
   const { socket, mode = "none", signal } = options;
   const bytes = keyBytes(key); // a bad key is the caller's error, whatever the broker's state
-  const connecting = connectBrokerNow(socket, signal);
+  const connecting = openBrokerConnection(socket, signal);
   using connection = connecting instanceof BrokerConnection ? connecting : await connecting;
   await connection.request(bytes, mode, signal);
   return await connection.receivePair(signal);

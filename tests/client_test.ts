@@ -7,6 +7,7 @@ import { Reactor } from "../ffi/reactor.ts";
 import {
   acceptConnection,
   closeDescriptor,
+  connectUnix,
   createSocketPair,
   listenUnix,
   readInto,
@@ -344,4 +345,48 @@ Deno.test("a SET_PAIR that arrives in two pieces, the descriptor with the first,
   }
   // Our three (both ends of the pair, the listener) are closed; nothing of the client's is left.
   assert.equal(countOpenDescriptors(), before - 3);
+});
+
+Deno.test("getPair waits out a full backlog, then connects, sends and pairs", async () => {
+  Reactor.instance(); // its epoll and eventfd descriptors live as long as the process
+  const before = countOpenDescriptors();
+  const socket = await temporarySocketPath();
+  // Backlog 0 holds one queued connection: the next connect gets EAGAIN until it is accepted.
+  using listener = listenUnix(socket.path, 0);
+  using filler = await connectUnix(socket.path);
+  const paired = getPair("backlog", { socket: socket.path, mode: "server" });
+  await new Promise((resolve) => setTimeout(resolve, 30));
+  closeDescriptor(acceptConnection(listener.fd)); // the filler's slot is free: the retry gets in
+  let fd = acceptConnection(listener.fd);
+  while (fd < 0) {
+    await listener.readiness.readable();
+    fd = acceptConnection(listener.fd);
+  }
+  using client = new UnixSocket(fd);
+  const request = new Uint8Array(1044) as Uint8Array<ArrayBuffer>;
+  let received = 0;
+  while (received < request.length) {
+    const count = readInto(client.fd, request.subarray(received) as Uint8Array<ArrayBuffer>);
+    if (count > 0) received += count;
+    else await client.readiness.readable();
+  }
+  assert.equal(new TextDecoder().decode(request.subarray(16, 23)), "backlog");
+  const [ours, theirs] = freshPair();
+  const header = new MessageHeader(encodeSetPair() as Uint8Array<ArrayBuffer>, 1);
+  header.prepareSend(1044, ours);
+  assert.equal(sendMessage(client.fd, header), 1044);
+  closeDescriptor(ours);
+  const end = await paired;
+  await end.write(new Uint8Array([42]));
+  const byte = new Uint8Array(1) as Uint8Array<ArrayBuffer>;
+  assert.equal(readInto(theirs, byte), 1);
+  assert.equal(byte[0], 42);
+  end.close();
+  closeDescriptor(theirs);
+  client.close();
+  filler.close();
+  listener.close();
+  await Reactor.instance().stopped;
+  await socket.remove();
+  assert.equal(countOpenDescriptors(), before);
 });
