@@ -80,6 +80,14 @@ function freshPair(): [number, number] {
   return [pair[0], pair[1]];
 }
 
+/** A byte written to `paired` arrives at `peer`, the other end of its pair. */
+async function assertCarries(paired: PairedSocket, peer: number): Promise<void> {
+  await paired.write(new Uint8Array([42]));
+  const byte = new Uint8Array(1) as Uint8Array<ArrayBuffer>;
+  assert.equal(readInto(peer, byte), 1);
+  assert.equal(byte[0], 42);
+}
+
 /** One end of a fresh socketpair whose other end is already closed. */
 function loneEnd(): number {
   const [end, other] = freshPair();
@@ -332,10 +340,7 @@ Deno.test("a SET_PAIR that arrives in two pieces, the descriptor with the first,
     rest.prepareSend(golden.length - 100, -1);
     assert.equal(sendMessage(connection.fd, rest), golden.length - 100);
     const paired = await pairing;
-    await paired.write(new Uint8Array([7]));
-    const buffer = new Uint8Array(1) as Uint8Array<ArrayBuffer>;
-    assert.equal(readInto(theirs, buffer), 1);
-    assert.equal(buffer[0], 7);
+    await assertCarries(paired, theirs);
     paired.close();
   } finally {
     closeDescriptor(theirs);
@@ -377,10 +382,7 @@ Deno.test("getPair waits out a full backlog, then connects, sends and pairs", as
   assert.equal(sendMessage(client.fd, header), 1044);
   closeDescriptor(ours);
   const end = await paired;
-  await end.write(new Uint8Array([42]));
-  const byte = new Uint8Array(1) as Uint8Array<ArrayBuffer>;
-  assert.equal(readInto(theirs, byte), 1);
-  assert.equal(byte[0], 42);
+  await assertCarries(end, theirs);
   end.close();
   closeDescriptor(theirs);
   client.close();
