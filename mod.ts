@@ -6,14 +6,18 @@
  * key, and when two keys match the broker hands each a end of a fresh
  * `socketpair()`. From then on the two talk directly.
  *
- * Run as a program, this module is the `one-socket` command
- * (`broker`, `pair`, `ctl`, `help`, `--version`).
+ * Importing it needs no permission; calls that reach libc need
+ * `--allow-ffi`. Run as a program, this module is the `one-socket` command
+ * (`broker`, `pair`, `ctl`, `help`, `--version`), loaded only then.
+ *
+ * Sub-modules: `./protocol` (the v1 wire format, pure), `./policy` (TOML
+ * access rules for an embedded broker), `./control` (its HTTP control API).
  *
  * @example Pair two peers through a broker
  * ```ts
  * import { Broker, getPair } from "./mod.ts";
  * const path = `/tmp/one-socket-example-${Deno.pid}.socket`;
- * await using _broker = await Broker.listen({ path });
+ * await using _broker = await Broker.listen({ socket: path });
  * const [server, client] = await Promise.all([
  *   getPair("vhost-user-1", { socket: path, mode: "server" }),
  *   getPair("vhost-user-1", { socket: path, mode: "client" }),
@@ -29,10 +33,6 @@
  */
 
 import denoConfig from "./deno.json" with { type: "json" };
-import { runBroker } from "./broker/cli.ts";
-import { runCtl } from "./broker/ctl.ts";
-import { runPair } from "./client/cli.ts";
-import { EXIT_USAGE } from "./client/command_line.ts";
 
 export {
   type AccessDecision,
@@ -47,55 +47,17 @@ export {
   type WaitingClient,
 } from "./broker/broker.ts";
 export {
-  type ControlClient,
-  type ControlClientsPage,
-  type ControlOptions,
-  type ControlServer,
-  type ControlStatus,
-  serveControl,
-} from "./broker/control.ts";
-export { BrokerMetrics, type DropReason, Histogram } from "./broker/metrics.ts";
-export { AccessPolicy, PolicyError, type PolicyRule, ReloadingPolicy } from "./broker/policy.ts";
-export {
   BrokerClosedError,
   BrokerConnection,
   connectBroker,
+  type ConnectOptions,
   getPair,
   type PairOptions,
 } from "./client/pair.ts";
 export { PairedSocket } from "./client/paired_socket.ts";
-export {
-  CONTROL_PATH_VARIABLE,
-  defaultSocketPath,
-  guardFallbackDirectory,
-  resolveControlPath,
-  resolveSocketPath,
-  SOCKET_PATH_VARIABLE,
-} from "./client/socket_path.ts";
-export {
-  decodeGetPair,
-  decodeSetPair,
-  describeKey,
-  encodeGetPair,
-  encodeSetPair,
-  GET_PAIR_MIN_SIZE,
-  GET_PAIR_PAYLOAD_SIZE,
-  type GetPair,
-  type Key,
-  keyBytes,
-  MAX_KEY_LENGTH,
-  MESSAGE_SIZE,
-  type Mode,
-  MODES,
-  parseMode,
-  peerMode,
-  PROTOCOL_VERSION,
-  ProtocolError,
-  type ProtocolErrorField,
-  REQUEST_GET_PAIR,
-  REQUEST_SET_PAIR,
-  SET_PAIR_PAYLOAD_SIZE,
-} from "./client/protocol.ts";
+export type { BrokerMetrics, DropReason, Histogram } from "./broker/metrics.ts";
+export { defaultSocketPath, SOCKET_PATH_VARIABLE } from "./client/socket_path.ts";
+export { type Key, type Mode, ProtocolError } from "./client/protocol.ts";
 export { OsError } from "./ffi/errors.ts";
 export type { PeerCredentials } from "./ffi/structs.ts";
 
@@ -110,58 +72,7 @@ export type { PeerCredentials } from "./ffi/structs.ts";
  */
 export const VERSION: string = denoConfig.version;
 
-const USAGE = `Usage: one-socket COMMAND [OPTIONS]
-
-Commands:
-  broker   run the SocketPair broker on a Unix socket
-  pair     get the socket paired on a key: bridge it to stdin/stdout, or run a program on it
-  ctl      ask a running broker (status, clients, kick, metrics) over its control socket
-  help     show this help (or: one-socket COMMAND --help)
-
-Options:
-  --version  print the version
-
-Environment:
-  ONE_SOCKET_PATH  broker socket path, for both the broker and its clients
-  ONE_SOCKET_CONTROL  control socket path for ctl (default: the socket path + ".control")`;
-
-/**
- * The `one-socket` command: dispatches to a subcommand and resolves to the
- * process exit code.
- *
- * @example
- * ```ts
- * import { main } from "./mod.ts";
- * const code = await main(["--version"]);
- * console.log(code); // 0
- * ```
- */
-export function main(args: string[]): Promise<number> {
-  const [command, ...rest] = args;
-  switch (command) {
-    case "broker":
-      return runBroker(rest);
-    case "pair":
-      return runPair(rest);
-    case "ctl":
-      return runCtl(rest);
-    case "--version":
-    case "-V":
-      console.log(`one-socket ${VERSION}`);
-      return Promise.resolve(0);
-    case "help":
-    case "--help":
-    case "-h":
-      console.log(USAGE);
-      return Promise.resolve(0);
-    default:
-      console.error(
-        command === undefined ? USAGE : `one-socket: unknown command ${command}\n\n${USAGE}`,
-      );
-      return Promise.resolve(EXIT_USAGE);
-  }
-}
-
 if (import.meta.main) {
+  const { main } = await import("./broker/command.ts");
   Deno.exit(await main(Deno.args));
 }

@@ -9,7 +9,7 @@
  * @module
  */
 
-import { getLogger } from "@logtape/logtape";
+import { getLogger } from "npm:@logtape/logtape@^2.4.2";
 import {
   describeKey,
   GET_PAIR_KEY_OFFSET,
@@ -72,9 +72,9 @@ export type { UidLimits } from "./admission.ts";
 /** Options for {@link Broker.listen}. */
 export interface BrokerOptions {
   /** Socket path to listen on; a leading `@` names a Linux abstract socket. */
-  path: string;
+  socket: string;
   /**
-   * An already listening socket to serve instead of binding `path` (systemd
+   * An already listening socket to serve instead of binding `socket` (systemd
    * socket activation). The broker then never removes the socket file.
    */
   listenFd?: number;
@@ -173,9 +173,9 @@ const SWEEP_INTERVAL_MS = 250;
  *
  * @example Serve, pair two clients, stop
  * ```ts
- * import { Broker, getPair } from "./mod.ts";
+ * import { Broker, getPair } from "@one-socket/one-socket";
  * const path = `/tmp/example-${Deno.pid}.socket`;
- * await using broker = await Broker.listen({ path });
+ * await using broker = await Broker.listen({ socket: path });
  * const [server, client] = await Promise.all([
  *   getPair("greeting", { socket: path, mode: "server" }),
  *   getPair("greeting", { socket: path, mode: "client" }),
@@ -215,7 +215,7 @@ export class Broker implements AsyncDisposable {
   #closing?: Promise<void>;
 
   private constructor(options: BrokerOptions, listener: UnixSocket, ownFile?: string) {
-    this.path = options.path;
+    this.path = options.socket;
     this.#options = { handshakeTimeoutMs: 5000, ...options };
     // The reactor's reports carry no clock reading: #onReadable takes one if it needs it.
     this.#table = new ConnectionTable(
@@ -231,12 +231,12 @@ export class Broker implements AsyncDisposable {
   }
 
   /**
-   * Binds `path` (or adopts `listenFd`) and starts serving. A stale socket
+   * Binds `socket` (or adopts `listenFd`) and starts serving. A stale socket
    * file (nobody listening) is replaced; a live broker's socket, or a path
    * that is not a socket, is not.
    */
   static async listen(options: BrokerOptions): Promise<Broker> {
-    const { path, backlog = 4096, listenFd, socketAccess } = options;
+    const { socket: path, backlog = 4096, listenFd, socketAccess } = options;
     if (listenFd !== undefined) {
       setNonblocking(listenFd);
       logger.info("serving inherited socket {path} (fd {fd})", { path, fd: listenFd });

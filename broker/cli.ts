@@ -15,7 +15,7 @@ import {
   type LogLevel,
   type LogRecord,
   parseLogLevel,
-} from "@logtape/logtape";
+} from "npm:@logtape/logtape@^2.4.2";
 import {
   exitCodeOf,
   failureMessage,
@@ -307,7 +307,7 @@ export function runBroker(args: string[]): Promise<number> {
       }
       const broker = await Broker.listen({
         maxConnections,
-        path,
+        socket: path,
         listenFd: inherited?.fd,
         handshakeTimeoutMs,
         pairTimeoutMs,

@@ -17,7 +17,7 @@
 
 import { Buffer } from "node:buffer";
 import type http from "node:http";
-import { getLogger } from "@logtape/logtape";
+import { getLogger } from "npm:@logtape/logtape@^2.4.2";
 import denoConfig from "../deno.json" with { type: "json" };
 import { describeKey, type Mode } from "../client/protocol.ts";
 import { countOpenDescriptors, descriptorLimit } from "../ffi/process.ts";
@@ -323,9 +323,10 @@ function handle(
  *
  * @example Ask a broker for its status over HTTP
  * ```ts
- * import { Broker, serveControl } from "./mod.ts";
+ * import { Broker } from "@one-socket/one-socket";
+ * import { serveControl } from "@one-socket/one-socket/control";
  * const path = `/tmp/control-example-${Deno.pid}.socket`;
- * await using broker = await Broker.listen({ path });
+ * await using broker = await Broker.listen({ socket: path });
  * await using control = await serveControl(broker, `${path}.control`, { timeoutMs: 5000 });
  * using client = Deno.createHttpClient({ proxy: { transport: "unix", path: control.path } });
  * const response = await fetch("http://localhost/status", { client });

@@ -30,7 +30,7 @@
 import { Buffer } from "node:buffer";
 import http from "node:http";
 import net from "node:net";
-import { getLogger } from "@logtape/logtape";
+import { getLogger } from "npm:@logtape/logtape@^2.4.2";
 import { Errno, errnoName, OsError } from "../ffi/errors.ts";
 import { EPOLLIN } from "../ffi/libc.ts";
 import { Reactor, type Watch } from "../ffi/reactor.ts";

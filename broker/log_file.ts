@@ -5,7 +5,12 @@
  * @module
  */
 
-import { getLogger, type LogRecord, type Sink, type TextFormatter } from "@logtape/logtape";
+import {
+  getLogger,
+  type LogRecord,
+  type Sink,
+  type TextFormatter,
+} from "npm:@logtape/logtape@^2.4.2";
 import { openOwnFile, type OwnFile } from "../ffi/files.ts";
 
 const logger = getLogger(["one-socket", "broker"]);

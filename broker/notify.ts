@@ -7,7 +7,7 @@
  * @module
  */
 
-import { getLogger } from "@logtape/logtape";
+import { getLogger } from "npm:@logtape/logtape@^2.4.2";
 import { sendDatagram } from "../ffi/socket.ts";
 
 const logger = getLogger(["one-socket", "broker"]);

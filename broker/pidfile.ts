@@ -26,7 +26,7 @@
  * @module
  */
 
-import { getLogger } from "@logtape/logtape";
+import { getLogger } from "npm:@logtape/logtape@^2.4.2";
 import { openOwnFile, type OwnFile } from "../ffi/files.ts";
 import { unlinkPath } from "../ffi/socket.ts";
 

@@ -23,8 +23,8 @@
  * @module
  */
 
-import { getLogger } from "@logtape/logtape";
-import { parse as parseToml } from "smol-toml";
+import { getLogger } from "npm:@logtape/logtape@^2.4.2";
+import { parse as parseToml } from "npm:smol-toml@^1.9.1";
 import { type Mode, MODES } from "../client/protocol.ts";
 import type { AccessDecision, AccessRequest } from "./broker.ts";
 import { ByteGlob } from "./glob.ts";
@@ -170,7 +170,7 @@ function booleanField(value: unknown, name: string, where: string): boolean {
  *
  * @example
  * ```ts
- * import { AccessPolicy } from "./mod.ts";
+ * import { AccessPolicy } from "@one-socket/one-socket/policy";
  * const policy = AccessPolicy.parse(
  *   '{"rules": [{"action": "allow", "prefix": "vhost-", "uids": [0]}]}',
  *   "json",
@@ -255,9 +255,10 @@ export class AccessPolicy {
  *
  * @example
  * ```ts
- * import { Broker, ReloadingPolicy } from "./mod.ts";
+ * import { Broker } from "@one-socket/one-socket";
+ * import { ReloadingPolicy } from "@one-socket/one-socket/policy";
  * using policy = await ReloadingPolicy.load("/etc/one-socket/policy.toml");
- * await using _broker = await Broker.listen({ path: "/tmp/b.socket", authorize: policy.authorize });
+ * await using _broker = await Broker.listen({ socket: "/tmp/b.socket", authorize: policy.authorize });
  * ```
  */
 export class ReloadingPolicy implements Disposable {

@@ -28,7 +28,7 @@
  * @module
  */
 
-import { getLogger } from "@logtape/logtape";
+import { getLogger } from "npm:@logtape/logtape@^2.4.2";
 
 const logger = getLogger(["one-socket", "broker"]);
 

@@ -90,7 +90,7 @@ export function runPair(args: string[]): Promise<number> {
     const bytes = keyBytes(key);
     let socket;
     try {
-      using connection = await connectBroker(values.socket, signal).catch((error) => {
+      using connection = await connectBroker({ socket: values.socket, signal }).catch((error) => {
         // Out of time before the broker even took the connection: that is not "no peer".
         if (signal?.aborted && error === signal.reason) {
           throw new OsError(

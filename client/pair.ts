@@ -34,7 +34,7 @@ import { guardFallbackDirectory, resolveSocketPath } from "./socket_path.ts";
  *
  * @example
  * ```ts
- * import { BrokerClosedError, getPair } from "./mod.ts";
+ * import { BrokerClosedError, getPair } from "@one-socket/one-socket";
  * try {
  *   await getPair("k");
  * } catch (error) {
@@ -82,8 +82,9 @@ function abortable<T>(promise: Promise<T>, signal?: AbortSignal): Promise<T> {
   });
 }
 
-// Every recvmsg below is synchronous, so one header serves all connections.
-const replyHeader = new MessageHeader(new Uint8Array(MESSAGE_SIZE), 8);
+// Every recvmsg below is synchronous, so one header serves all connections (made on first
+// use: importing the library needs no FFI permission).
+let replyHeader: MessageHeader | undefined;
 // Requests are encoded and sent synchronously (a rest that must wait is copied), so
 // one frame serves all connections too.
 const requestFrame = new Uint8Array(MESSAGE_SIZE);
@@ -93,8 +94,8 @@ const requestFrame = new Uint8Array(MESSAGE_SIZE);
  *
  * @example The steps of {@link getPair}, one by one
  * ```ts
- * import { connectBroker } from "./mod.ts";
- * using connection = await connectBroker("/run/one.socket");
+ * import { connectBroker } from "@one-socket/one-socket";
+ * using connection = await connectBroker({ socket: "/run/one.socket" });
  * await connection.request("vhost-user-1", "server");
  * const socket = await connection.receivePair();
  * socket.close();
@@ -147,6 +148,7 @@ export class BrokerConnection implements Disposable {
         // The broker answers within microseconds once the partner is there.
         await abortable(this.#socket.readiness.readable(true), signal);
       }
+      replyHeader ??= new MessageHeader(new Uint8Array(MESSAGE_SIZE), 8);
       while (received < MESSAGE_SIZE) {
         replyHeader.prepareReceive(MESSAGE_SIZE - received);
         const count = receiveMessage(this.#socket.fd, replyHeader);
@@ -229,22 +231,27 @@ function connectHint(code: string, path: string): string | undefined {
   return (code === "ECONNREFUSED" ? notASocket(path) : undefined) ?? CONNECT_HINTS[code];
 }
 
+/** Options of {@link connectBroker}. */
+export interface ConnectOptions {
+  /** Broker socket path; default `$ONE_SOCKET_PATH`, else {@link defaultSocketPath}. */
+  socket?: string;
+  /** Gives up waiting out a full backlog (rejecting with the signal's reason). */
+  signal?: AbortSignal;
+}
+
 /**
- * Connects to the broker at `path` (default: `$ONE_SOCKET_PATH`, else
+ * Connects to the broker (by default at `$ONE_SOCKET_PATH`, else
  * {@link defaultSocketPath}).
  *
  * @example
  * ```ts
- * import { connectBroker } from "./mod.ts";
- * using connection = await connectBroker();
+ * import { connectBroker } from "@one-socket/one-socket";
+ * using connection = await connectBroker({ socket: "/run/one.socket" });
  * console.log(`connected to ${connection.path}`);
  * ```
  */
-export async function connectBroker(
-  path?: string,
-  signal?: AbortSignal,
-): Promise<BrokerConnection> {
-  return await openBrokerConnection(path, signal);
+export async function connectBroker(options: ConnectOptions = {}): Promise<BrokerConnection> {
+  return await openBrokerConnection(options.socket, options.signal);
 }
 
 /** A failed connect to `path` with the hint of {@link connectHint}, if any. */
@@ -287,7 +294,7 @@ function openBrokerConnection(
  *
  * @example Two peers meet on a key
  * ```ts
- * import { getPair } from "./mod.ts";
+ * import { getPair } from "@one-socket/one-socket";
  * const [server, client] = await Promise.all([
  *   getPair("demo", { mode: "server", signal: AbortSignal.timeout(5000) }),
  *   getPair("demo", { mode: "client", signal: AbortSignal.timeout(5000) }),

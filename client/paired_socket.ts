@@ -24,7 +24,7 @@ const STREAM_CHUNK_SIZE = 64 * 1024;
  *
  * @example Echo one message back
  * ```ts
- * import { getPair } from "./mod.ts";
+ * import { getPair } from "@one-socket/one-socket";
  * await using socket = await getPair("echo-demo", { mode: "server" });
  * const buffer = new Uint8Array(1024);
  * const count = await socket.read(buffer);

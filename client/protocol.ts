@@ -514,7 +514,7 @@ export function validateGetPair(frame: Uint8Array, length: number): ProtocolErro
  * assert.equal(encodeGetPair("k", "none")[GET_PAIR_KEY_OFFSET], 0x6b);
  * ```
  */
-export const GET_PAIR_KEY_OFFSET = KEY_OFFSET;
+export const GET_PAIR_KEY_OFFSET: number = KEY_OFFSET;
 
 /**
  * The mode of a `GET_PAIR` that {@linkcode validateGetPair} passed.

@@ -26,7 +26,7 @@ function environment(name: string): string | undefined {
  *
  * @example
  * ```ts
- * import { defaultSocketPath } from "./mod.ts";
+ * import { defaultSocketPath } from "@one-socket/one-socket";
  * console.log(defaultSocketPath()); // "/run/user/1000/one.socket" for most desktop users
  * ```
  */
@@ -50,7 +50,7 @@ const fallbackDirectory = (uid: number) => `${FALLBACK_PREFIX}${uid}`;
  *
  * @example
  * ```ts
- * import { guardFallbackDirectory, resolveSocketPath } from "./mod.ts";
+ * import { guardFallbackDirectory, resolveSocketPath } from "./socket_path.ts";
  * const path = resolveSocketPath();
  * guardFallbackDirectory(path, false); // throws if /tmp/one-socket-UID is not ours alone
  * ```
@@ -95,7 +95,7 @@ export function guardFallbackDirectory(path: string, create: boolean): void {
  *
  * @example
  * ```ts
- * import { resolveSocketPath } from "./mod.ts";
+ * import { resolveSocketPath } from "./socket_path.ts";
  * console.log(resolveSocketPath("/tmp/test.socket")); // "/tmp/test.socket"
  * ```
  */
@@ -108,7 +108,7 @@ export function resolveSocketPath(explicit?: string): string {
  *
  * @example
  * ```ts
- * import { CONTROL_PATH_VARIABLE } from "./mod.ts";
+ * import { CONTROL_PATH_VARIABLE } from "./socket_path.ts";
  * Deno.env.set(CONTROL_PATH_VARIABLE, "/run/one.control");
  * ```
  */
@@ -121,7 +121,7 @@ export const CONTROL_PATH_VARIABLE = "ONE_SOCKET_CONTROL";
  *
  * @example
  * ```ts
- * import { resolveControlPath } from "./mod.ts";
+ * import { resolveControlPath } from "./socket_path.ts";
  * Deno.env.set("ONE_SOCKET_PATH", "/tmp/demo.socket");
  * console.log(resolveControlPath()); // "/tmp/demo.socket.control" unless $ONE_SOCKET_CONTROL is set
  * ```

@@ -80,9 +80,9 @@ export function errnoName(errno: number): string {
  *
  * @example Branching on the errno name
  * ```ts
- * import { connectBroker, OsError } from "./mod.ts";
+ * import { connectBroker, OsError } from "@one-socket/one-socket";
  * try {
- *   using _conn = await connectBroker("/tmp/nothing-here.socket");
+ *   using _conn = await connectBroker({ socket: "/tmp/nothing-here.socket" });
  * } catch (error) {
  *   if (error instanceof OsError && error.code === "ENOENT") console.log("no broker socket");
  * }

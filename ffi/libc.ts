@@ -8,7 +8,7 @@
  * @module
  */
 
-/** Fails at start on anything but Linux x86_64 or aarch64, before dlopen can. */
+/** Fails on anything but Linux x86_64 or aarch64, before dlopen can. */
 function assertSupportedPlatform(): void {
   const { os, arch } = Deno.build;
   if (os !== "linux" || (arch !== "x86_64" && arch !== "aarch64")) {
@@ -18,8 +18,6 @@ function assertSupportedPlatform(): void {
     );
   }
 }
-
-assertSupportedPlatform();
 
 const symbols = {
   // int socket(int domain, int type, int protocol)
@@ -118,12 +116,44 @@ const symbols = {
   __errno_location: { parameters: [], result: "pointer" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
-/** The bound libc symbols. */
-export const libc: Deno.DynamicLibrary<typeof symbols>["symbols"] =
-  Deno.dlopen("libc.so.6", symbols).symbols;
+type Symbols = Deno.DynamicLibrary<typeof symbols>["symbols"];
 
 // JavaScript only ever runs on this thread, so its errno lives at one fixed address.
-const errnoView = new Deno.UnsafePointerView(libc.__errno_location()!);
+let errnoView: Deno.UnsafePointerView;
+
+/** Runs an FFI operation; a missing `--allow-ffi` becomes one line that names the flag. */
+export function withFfiPermission<T>(operation: () => T): T {
+  try {
+    return operation();
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotCapable)) throw error;
+    throw new Deno.errors.NotCapable(
+      "one-socket calls libc through FFI: run Deno with --allow-ffi",
+      { cause: error },
+    );
+  }
+}
+
+/**
+ * Opens libc: the first use of {@link libc}, so that importing the library
+ * needs no permission, and a missing one is named where it is needed.
+ */
+function openLibc(): Symbols {
+  assertSupportedPlatform();
+  const library = withFfiPermission(() => Deno.dlopen("libc.so.6", symbols));
+  errnoView = new Deno.UnsafePointerView(library.symbols.__errno_location()!);
+  libc = library.symbols;
+  return libc;
+}
+
+/**
+ * The bound libc symbols. Until the first call this is a stand-in that opens
+ * the library and then steps aside: the binding is live, so every later call
+ * goes straight to the symbols.
+ */
+export let libc: Symbols = new Proxy({} as Symbols, {
+  get: (_target, name) => openLibc()[name as keyof Symbols],
+});
 
 // BigInts for the sizes passed recently: a JS number for a 64-bit parameter takes the FFI
 // slow path (about 200 ns a call), a fresh BigInt costs an allocation; a cached one neither.

@@ -12,7 +12,7 @@
  * @module
  */
 
-import { getLogger } from "@logtape/logtape";
+import { getLogger } from "npm:@logtape/logtape@^2.4.2";
 import {
   EFD_CLOEXEC,
   EFD_NONBLOCK,

@@ -7,7 +7,7 @@
  * @module
  */
 
-import { AF_UNIX, MSG_CTRUNC, SCM_RIGHTS, SOL_SOCKET } from "./libc.ts";
+import { AF_UNIX, MSG_CTRUNC, SCM_RIGHTS, SOL_SOCKET, withFfiPermission } from "./libc.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -88,7 +88,9 @@ export interface PeerCredentials {
 export const UCRED_SIZE = 12;
 
 const pointerValue = (buffer: Uint8Array): bigint =>
-  BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(buffer as Uint8Array<ArrayBuffer>)));
+  withFfiPermission(() =>
+    BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(buffer as Uint8Array<ArrayBuffer>)))
+  );
 
 /** `CMSG_SPACE(4 * fds)`: a `cmsghdr` (16 bytes) plus the descriptors, 8-aligned. */
 const cmsgSpace = (fds: number) => 16 + ((4 * fds + 7) & ~7);

@@ -296,9 +296,9 @@ Deno.test("the broker's descriptors return to their baseline after 1,000 pairing
 Deno.test("a stale socket file is replaced; a live broker's socket is not stolen", async () => {
   const socket = await temporarySocketPath();
   try {
-    const first = await Broker.listen({ path: socket.path });
+    const first = await Broker.listen({ socket: socket.path });
     await assert.rejects(
-      Broker.listen({ path: socket.path }),
+      Broker.listen({ socket: socket.path }),
       /another broker is already listening/,
     );
     // The first broker was not disturbed by the attempt.
@@ -313,7 +313,7 @@ Deno.test("a stale socket file is replaced; a live broker's socket is not stolen
       const { listenUnix } = await import("../ffi/socket.ts");
       listenUnix(socket.path, 1).close();
     }
-    const second = await Broker.listen({ path: socket.path });
+    const second = await Broker.listen({ socket: socket.path });
     await second.close();
     await assert.rejects(
       Deno.lstat(socket.path),
@@ -321,7 +321,7 @@ Deno.test("a stale socket file is replaced; a live broker's socket is not stolen
       "socket file removed on close",
     );
     await Deno.writeTextFile(socket.path, "not a socket");
-    await assert.rejects(Broker.listen({ path: socket.path }), /is not a socket/);
+    await assert.rejects(Broker.listen({ socket: socket.path }), /is not a socket/);
     assert.equal(await Deno.readTextFile(socket.path), "not a socket");
   } finally {
     await socket.remove();
@@ -330,7 +330,7 @@ Deno.test("a stale socket file is replaced; a live broker's socket is not stolen
 
 Deno.test("an abstract socket name works and leaves no file", async () => {
   const path = `@one-socket-test-${Deno.pid}`;
-  const broker = await Broker.listen({ path });
+  const broker = await Broker.listen({ socket: path });
   try {
     const [a, b] = await pairUp(path, "abstract", ["client", "server"]);
     await assertConnected(a, b, "abstract");
@@ -352,9 +352,9 @@ Deno.test("closing the broker closes waiting clients, which see it", () =>
 Deno.test("a broker shutting down leaves alone a socket file that another broker created since", async () => {
   const socket = await temporarySocketPath();
   try {
-    const first = await Broker.listen({ path: socket.path });
+    const first = await Broker.listen({ socket: socket.path });
     await Deno.remove(socket.path); // say, an operator cleaning up by hand
-    const second = await Broker.listen({ path: socket.path });
+    const second = await Broker.listen({ socket: socket.path });
     await first.close();
     const [a, b] = await pairUp(socket.path, "still-served", ["none", "none"]);
     a.close();

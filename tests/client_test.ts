@@ -183,7 +183,7 @@ Deno.test("a socket file without a broker is reported as ECONNREFUSED", async ()
   try {
     listenUnix(socket.path, 1).close();
     await assert.rejects(
-      connectBroker(socket.path),
+      connectBroker({ socket: socket.path }),
       { message: `connect ${socket.path}: ECONNREFUSED (is the broker running?)` },
     );
   } finally {
@@ -242,8 +242,8 @@ Deno.test("aborting a waiting getPair rejects with the reason and frees the brok
 
 Deno.test("the lower-level steps pair like getPair does", () =>
   withBroker(async (_broker, path) => {
-    using first = await connectBroker(path);
-    using second = await connectBroker(path);
+    using first = await connectBroker({ socket: path });
+    using second = await connectBroker({ socket: path });
     await first.request("steps", "server");
     await second.request("steps", "client");
     const [a, b] = await Promise.all([first.receivePair(), second.receivePair()]);

@@ -7,7 +7,7 @@
  * usage: deno run -A tests/control_emfile_broker.ts SOCKET_PATH CONTROL_PATH
  */
 
-import { configure, getConsoleSink } from "@logtape/logtape";
+import { configure, getConsoleSink } from "npm:@logtape/logtape@^2.4.2";
 import { Broker } from "../broker/broker.ts";
 import { serveControl } from "../broker/control.ts";
 import { raiseDescriptorLimit } from "../ffi/process.ts";
@@ -18,7 +18,7 @@ await configure({
 });
 raiseDescriptorLimit();
 const [path, controlPath] = Deno.args;
-const broker = await Broker.listen({ path });
+const broker = await Broker.listen({ socket: path });
 const control = await serveControl(broker, controlPath);
 console.log("both sockets serve");
 Deno.addSignalListener("SIGTERM", async () => {

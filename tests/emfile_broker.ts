@@ -10,7 +10,7 @@ import { Broker } from "../broker/broker.ts";
 import { raiseDescriptorLimit } from "../ffi/process.ts";
 
 raiseDescriptorLimit();
-const broker = await Broker.listen({ path: Deno.args[0] });
+const broker = await Broker.listen({ socket: Deno.args[0] });
 console.log("listening");
 let episodes = 0;
 const watcher = setInterval(() => {

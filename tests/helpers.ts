@@ -38,10 +38,10 @@ export async function temporarySocketPath(): Promise<{ path: string; remove(): P
  */
 export async function withBroker(
   body: (broker: Broker, path: string) => Promise<void>,
-  options: Omit<BrokerOptions, "path"> = {},
+  options: Omit<BrokerOptions, "socket"> = {},
 ): Promise<void> {
   const socket = await temporarySocketPath();
-  const broker = await Broker.listen({ ...options, path: socket.path });
+  const broker = await Broker.listen({ ...options, socket: socket.path });
   try {
     await body(broker, socket.path);
   } finally {
