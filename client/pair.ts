@@ -26,7 +26,7 @@ import {
   type Mode,
   ProtocolError,
 } from "./protocol.ts";
-import { guardFallbackDirectory, resolveSocketPath } from "./socket_path.ts";
+import { guardFallbackDirectory, resolveSocketPath, unreadEnvironmentHint } from "./socket_path.ts";
 
 /**
  * The broker closed the connection without a `SET_PAIR`: it rejected the
@@ -254,11 +254,15 @@ export async function connectBroker(options: ConnectOptions = {}): Promise<Broke
   return await openBrokerConnection(options.socket, options.signal);
 }
 
-/** A failed connect to `path` with the hint of {@link connectHint}, if any. */
-function withHint(error: unknown, path: string): unknown {
+/**
+ * A failed connect to `path` with the hint of {@link connectHint}, if any,
+ * and, for a default path, which variables went unread.
+ */
+function withHint(error: unknown, path: string, defaulted: boolean): unknown {
   if (!(error instanceof OsError)) return error;
-  const hint = connectHint(error.code, path);
-  return hint === undefined ? error : new OsError("connect", error.errno, path, hint);
+  const hints = [connectHint(error.code, path), defaulted ? unreadEnvironmentHint() : undefined]
+    .filter((hint) => hint !== undefined);
+  return hints.length === 0 ? error : new OsError("connect", error.errno, path, hints.join("; "));
 }
 
 /**
@@ -276,13 +280,13 @@ function openBrokerConnection(
   try {
     socket = tryConnectUnix(resolved);
   } catch (error) {
-    throw withHint(error, resolved);
+    throw withHint(error, resolved, path === undefined);
   }
   if (socket !== undefined) return new BrokerConnection(resolved, socket);
   return connectUnix(resolved, signal).then(
     (connected) => new BrokerConnection(resolved, connected),
     (error) => {
-      throw withHint(error, resolved);
+      throw withHint(error, resolved, path === undefined);
     },
   );
 }

@@ -11,12 +11,36 @@ import { currentUid } from "../ffi/socket.ts";
 /** The environment variable the C broker and clients also read. */
 export const SOCKET_PATH_VARIABLE = "ONE_SOCKET_PATH";
 
+// Variables we could not read for want of --allow-env: a failed connect to the default path says so.
+const unreadVariables = new Set<string>();
+
 function environment(name: string): string | undefined {
   try {
-    return Deno.env.get(name) || undefined;
-  } catch {
-    return undefined; // no --allow-env: fall through to the default
+    const value = Deno.env.get(name) || undefined;
+    unreadVariables.delete(name);
+    return value;
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotCapable)) throw error;
+    unreadVariables.add(name); // fall through to the default
+    return undefined;
   }
+}
+
+/**
+ * Why a default path may not be the one the user set: the variables that
+ * could not be read without `--allow-env`, or undefined when none.
+ *
+ * @example
+ * ```ts
+ * import { resolveSocketPath, unreadEnvironmentHint } from "./socket_path.ts";
+ * const path = resolveSocketPath();
+ * console.log(path, unreadEnvironmentHint() ?? "");
+ * ```
+ */
+export function unreadEnvironmentHint(): string | undefined {
+  if (unreadVariables.size === 0) return undefined;
+  const names = [...unreadVariables];
+  return `$${names.join(" and $")} not read: run Deno with --allow-env=${names.join(",")}`;
 }
 
 /**
