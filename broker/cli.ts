@@ -323,12 +323,11 @@ export function runBroker(args: string[]): Promise<number> {
         clients: maxConnections,
       });
       try {
-        const control = values.control === undefined
-          ? undefined
-          : await serveControl(broker, values.control, {
-            maxConnections: controlMaxConnections,
-            timeoutMs: controlTimeoutMs,
-          });
+        const control = values.control === undefined ? undefined : await serveControl(broker, {
+          socket: values.control,
+          maxConnections: controlMaxConnections,
+          timeoutMs: controlTimeoutMs,
+        });
         status = () => serviceStatus(broker);
         notifier.ready(status);
         await signals.stop;

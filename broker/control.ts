@@ -43,8 +43,10 @@ const MAX_CLIENTS_PAGE_BYTES = 64 * 1024;
 /** One client's answer without its key, and more: ids, mode, times, credentials, names. */
 const CLIENT_ENTRY_BYTES = 256;
 
-/** Limits of the control server, for {@link serveControl}. */
+/** Where and within which limits {@link serveControl} serves. */
 export interface ControlOptions {
+  /** The control socket's path (a file: abstract names are refused). */
+  socket: string;
   /**
    * Most control connections open at once (default
    * {@link DEFAULT_CONTROL_CONNECTIONS}); a newcomer past it closes the
@@ -317,7 +319,7 @@ function handle(
 }
 
 /**
- * Serves the control API for `broker` on the Unix socket `path` (a file, made
+ * Serves the control API for `broker` on the Unix socket `options.socket` (a file, made
  * with mode 0600: only the broker's user and root may connect). A stale
  * socket file is replaced; a live one, or a path that is not a socket, is not.
  *
@@ -327,7 +329,7 @@ function handle(
  * import { serveControl } from "@one-socket/one-socket/control";
  * const path = `/tmp/control-example-${Deno.pid}.socket`;
  * await using broker = await Broker.listen({ socket: path });
- * await using control = await serveControl(broker, `${path}.control`, { timeoutMs: 5000 });
+ * await using control = await serveControl(broker, { socket: `${path}.control`, timeoutMs: 5000 });
  * using client = Deno.createHttpClient({ proxy: { transport: "unix", path: control.path } });
  * const response = await fetch("http://localhost/status", { client });
  * console.log((await response.json()).counts.waiting); // 0
@@ -335,9 +337,9 @@ function handle(
  */
 export async function serveControl(
   broker: Broker,
-  path: string,
-  options: ControlOptions = {},
+  options: ControlOptions,
 ): Promise<ControlServer> {
+  const path = options.socket;
   if (path.startsWith("@")) {
     throw new TypeError(
       `control socket ${path}: abstract sockets are not supported, give a file path`,

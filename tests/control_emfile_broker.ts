@@ -19,7 +19,7 @@ await configure({
 raiseDescriptorLimit();
 const [path, controlPath] = Deno.args;
 const broker = await Broker.listen({ socket: path });
-const control = await serveControl(broker, controlPath);
+const control = await serveControl(broker, { socket: controlPath });
 console.log("both sockets serve");
 Deno.addSignalListener("SIGTERM", async () => {
   await control.close();

@@ -23,7 +23,7 @@ function withControl(
   body: (broker: Broker, socket: string, http: ControlHttp) => Promise<void>,
 ): Promise<void> {
   return withBroker(async (broker, socket) => {
-    await using control = await serveControl(broker, `${socket}.control`);
+    await using control = await serveControl(broker, { socket: `${socket}.control` });
     using http = new ControlHttp(control.path);
     await body(broker, socket, http);
   });
@@ -182,9 +182,12 @@ Deno.test("control: a stale socket file is replaced; a live one or a non-socket 
   await withBroker(async (broker, socket) => {
     const path = `${socket}.control`;
     listenUnix(path, 1).close(); // a socket file nobody listens on
-    const control = await serveControl(broker, path);
+    const control = await serveControl(broker, { socket: path });
     try {
-      await assert.rejects(serveControl(broker, path), /already listening on .*\.control/);
+      await assert.rejects(
+        serveControl(broker, { socket: path }),
+        /already listening on .*\.control/,
+      );
       using http = new ControlHttp(path);
       assert.equal((await http.send("GET", "/status")).status, 200, "the first one still serves");
     } finally {
@@ -193,9 +196,9 @@ Deno.test("control: a stale socket file is replaced; a live one or a non-socket 
     assert.ok(!exists(path), "close removes the control socket file");
 
     await Deno.writeTextFile(path, "not a socket");
-    await assert.rejects(serveControl(broker, path), /not a socket/);
+    await assert.rejects(serveControl(broker, { socket: path }), /not a socket/);
     assert.equal(await Deno.readTextFile(path), "not a socket");
-    await assert.rejects(serveControl(broker, "@abstract"), /abstract/);
+    await assert.rejects(serveControl(broker, { socket: "@abstract" }), /abstract/);
   });
 });
 
