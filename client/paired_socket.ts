@@ -1,12 +1,20 @@
 /**
  * {@link PairedSocket}: the descriptor a client receives from the broker, as
- * async reads and writes and as web streams.
+ * async reads and writes and as web streams; and {@link closeDescriptor} for
+ * one it gave up.
  *
  * @module
  */
 
 import { Errno, OsError } from "../ffi/errors.ts";
-import { readInto, sendFrom, setNonblocking, shutdownWrite, UnixSocket } from "../ffi/socket.ts";
+import {
+  closeDescriptor as releaseDescriptor,
+  readInto,
+  sendFrom,
+  setNonblocking,
+  shutdownWrite,
+  UnixSocket,
+} from "../ffi/socket.ts";
 
 const STREAM_CHUNK_SIZE = 64 * 1024;
 
@@ -31,7 +39,7 @@ const STREAM_CHUNK_SIZE = 64 * 1024;
  * if (count !== null) await socket.write(buffer.subarray(0, count));
  * ```
  */
-export class PairedSocket implements AsyncDisposable {
+export class PairedSocket implements Disposable, AsyncDisposable {
   readonly #socket: UnixSocket;
   #nonblocking = false;
   // Whether bytes came in (went out) since the last wait: the peer is sending (reading)
@@ -203,7 +211,20 @@ export class PairedSocket implements AsyncDisposable {
     });
   }
 
-  /** Gives up ownership of the descriptor (to pass it on); the caller closes it. */
+  /**
+   * Gives up ownership of the descriptor, to pass it on (to a C library
+   * through FFI, say); this object then behaves as closed. The caller closes the
+   * descriptor, with {@link closeDescriptor} if nothing else takes it.
+   *
+   * @example Hand the descriptor to code that takes a number, then close it
+   * ```ts
+   * import { closeDescriptor, getPair } from "@one-socket/one-socket";
+   * const socket = await getPair("vhost-user-1");
+   * const fd = socket.detach();
+   * console.log(`the peer is at /proc/${Deno.pid}/fd/${fd}`);
+   * closeDescriptor(fd);
+   * ```
+   */
   detach(): number {
     return this.#socket.detach();
   }
@@ -213,9 +234,42 @@ export class PairedSocket implements AsyncDisposable {
     this.#socket.close();
   }
 
-  /** Same as {@link close}. */
+  /** Same as {@link close}, for `using`. */
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  /** Same as {@link close}, for `await using`. */
   [Symbol.asyncDispose](): Promise<void> {
     this.close();
     return Promise.resolve();
   }
+}
+
+/**
+ * Closes a descriptor that {@link PairedSocket.detach} handed out, once it
+ * has been passed on (Deno 2 has no `Deno.close`).
+ *
+ * @param fd the descriptor number
+ * @throws {OsError} `EBADF` when `fd` is not open (closed already, or never opened)
+ * @throws {TypeError} when `fd` is not a C `int`: converted, it would name another descriptor
+ *
+ * @example Close it whatever the code it was lent to does
+ * ```ts
+ * import { closeDescriptor, getPair } from "@one-socket/one-socket";
+ * // A library that duplicates the descriptors it is given (vhost-user, say).
+ * declare function addBackend(fd: number): void;
+ * const fd = (await getPair("vhost-user-1")).detach();
+ * try {
+ *   addBackend(fd);
+ * } finally {
+ *   closeDescriptor(fd);
+ * }
+ * ```
+ */
+export function closeDescriptor(fd: number): void {
+  if ((fd | 0) !== fd) throw new TypeError(`closeDescriptor: ${fd} is not a descriptor number`);
+  const result = releaseDescriptor(fd);
+  // After EINTR, Linux has released the descriptor all the same: a retry could close another.
+  if (result < 0 && result !== -Errno.EINTR) throw new OsError("close", -result, `fd ${fd}`);
 }

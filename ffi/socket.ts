@@ -98,9 +98,12 @@ export class UnixSocket implements Disposable {
   }
 }
 
-/** Closes a descriptor. Linux releases it even when close reports EINTR, so never retry. */
-export function closeDescriptor(fd: number): void {
-  libc.close(fd);
+/**
+ * Closes a descriptor: 0, or -errno (`EBADF`: it was not open). Linux
+ * releases it even when close reports EINTR, so never retry.
+ */
+export function closeDescriptor(fd: number): number {
+  return libc.close(fd) < 0 ? -errno() : 0;
 }
 
 function newSocket(type: number, path: string): number {

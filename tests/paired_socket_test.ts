@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
-import { PairedSocket } from "../client/paired_socket.ts";
+import { closeDescriptor, PairedSocket } from "../client/paired_socket.ts";
 import { Reactor } from "../ffi/reactor.ts";
-import { closeDescriptor, createSocketPair, sendFrom } from "../ffi/socket.ts";
+import { createSocketPair, sendFrom } from "../ffi/socket.ts";
 import { countOpenDescriptors } from "./helpers.ts";
 
 /** Two PairedSockets on a fresh socketpair, as the broker would hand them out. */
@@ -227,3 +227,48 @@ Deno.test("a read into an empty buffer returns 0 at once, before and after end o
     b.close();
     await assert.rejects(() => b.read(new Uint8Array(0)), Deno.errors.BadResource);
   }));
+
+Deno.test("using closes the descriptor at the end of the block: the peer reads end of stream", () =>
+  leakFree(async () => {
+    const [a, b] = pair();
+    let fd: number;
+    {
+      using scoped = b;
+      fd = scoped.fd;
+      assert.ok(Deno.statSync(`/proc/self/fd/${fd}`));
+    }
+    assert.equal(b.fd, -1);
+    assert.equal(await a.read(new Uint8Array(1)), null);
+    b[Symbol.dispose](); // a second close does nothing
+    a.close();
+  }));
+
+Deno.test("a detached descriptor stays connected until closeDescriptor closes it", () =>
+  leakFree(async () => {
+    const [a, b] = pair();
+    const fd = b.detach();
+    assert.equal(b.fd, -1);
+    await assert.rejects(b.read(new Uint8Array(1)), Deno.errors.BadResource);
+    b.close(); // the descriptor is no longer its to close
+    assert.equal(sendFrom(fd, pattern(3)), 3);
+    assert.equal(await a.read(new Uint8Array(8)), 3);
+    closeDescriptor(fd);
+    assert.equal(await a.read(new Uint8Array(1)), null);
+    // Straight after the first close, before anything can reuse the number.
+    assert.throws(() => closeDescriptor(fd), {
+      name: "OsError",
+      code: "EBADF",
+      message: `close fd ${fd}: EBADF (bad file descriptor)`,
+    });
+    a.close();
+  }));
+
+Deno.test("closeDescriptor refuses what is not a descriptor number rather than convert it", () => {
+  assert.throws(() => closeDescriptor(-1), { name: "OsError", code: "EBADF" });
+  for (const notInt of [Number.NaN, 1.5, 2 ** 32, Infinity]) {
+    assert.throws(() => closeDescriptor(notInt), {
+      name: "TypeError",
+      message: `closeDescriptor: ${notInt} is not a descriptor number`,
+    });
+  }
+});
