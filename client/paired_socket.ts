@@ -212,6 +212,28 @@ export class PairedSocket implements Disposable, AsyncDisposable {
   }
 
   /**
+   * Lets the process exit while a read or write waits for the peer, as
+   * `unref()` does for a `Deno.Conn` or a `node:net` socket. The wait is still
+   * answered for as long as something else keeps the process running.
+   *
+   * @example A background listener that must not hold the program open
+   * ```ts
+   * import { getPair } from "@one-socket/one-socket";
+   * const socket = await getPair("notifications");
+   * socket.unref();
+   * socket.read(new Uint8Array(64)).then((count) => console.log("notified", count));
+   * ```
+   */
+  unref(): void {
+    this.#socket.readiness.keepsAlive = false;
+  }
+
+  /** Undoes {@link unref}: a pending read or write keeps the process alive again. */
+  ref(): void {
+    this.#socket.readiness.keepsAlive = true;
+  }
+
+  /**
    * Gives up ownership of the descriptor, to pass it on (to a C library
    * through FFI, say); this object then behaves as closed. The caller closes the
    * descriptor, with {@link closeDescriptor} if nothing else takes it.

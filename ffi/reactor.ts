@@ -47,6 +47,20 @@ const TURN_INTERVAL_MS = 1;
 // setImmediate costs ~2 µs; a chain of setTimeout(0) is clamped to milliseconds.
 const macrotask = () => new Promise<void>((resolve) => setImmediate(resolve));
 
+/** What Deno's own `Deno.Conn.unref()` uses to let the process exit while an operation is pending. */
+interface OpPromiseReferences {
+  refOpPromise(promise: Promise<unknown>): void;
+  unrefOpPromise(promise: Promise<unknown>): void;
+}
+
+// Not public API (there is none for a pending FFI call): on a Deno without it, a wait that
+// should not keep the process alive keeps it alive like any other.
+const denoInternal = (Deno as unknown as { internal?: symbol }).internal;
+const denoCore: Partial<OpPromiseReferences> | undefined = denoInternal === undefined
+  ? undefined
+  : (Deno as unknown as Record<symbol, { core?: Partial<OpPromiseReferences> }>)[denoInternal]
+    ?.core;
+
 /**
  * Something registered for a descriptor's events. The reactor sets `tag`: it
  * tells this registration from an earlier one of a reused descriptor number
@@ -70,6 +84,7 @@ export class Watch implements Registrant {
   handler: ReadyHandler;
   #reactor: Reactor;
   #referenced = false;
+  #keepsAlive = true;
   #active = true;
 
   /** Use {@link Reactor.watch}. */
@@ -84,11 +99,26 @@ export class Watch implements Registrant {
     this.handler(events);
   }
 
-  /** While referenced, the loop keeps running (and the process alive) for this watch. */
+  /** While referenced, the loop keeps running (and, if {@link keepsAlive}, the process alive). */
   set referenced(value: boolean) {
     if (!this.#active || value === this.#referenced) return;
     this.#referenced = value;
-    this.#reactor.adjustReferences(value ? 1 : -1);
+    this.#reactor.adjustReferences(value ? 1 : -1, this.#keepsAlive);
+  }
+
+  /**
+   * Whether this watch, while referenced, keeps the process alive (the
+   * default). When not, the loop still serves it for as long as something
+   * else keeps the process running, as Node's `unref()` does.
+   */
+  set keepsAlive(value: boolean) {
+    if (value === this.#keepsAlive) return;
+    this.#keepsAlive = value;
+    if (this.#active && this.#referenced) {
+      // The new reference first: between the two, the loop must not see nothing to wait for.
+      this.#reactor.adjustReferences(1, value);
+      this.#reactor.adjustReferences(-1, !value);
+    }
   }
 
   /** Changes the `EPOLL*` interest. */
@@ -129,9 +159,13 @@ export class Reactor {
   readonly #waitedView = new DataView(this.#waited.buffer);
   readonly #registrants: (Registrant | undefined)[] = [];
   #nextTag = 1;
+  // Referenced watches that keep the process alive, and those that only keep the loop running.
   #references = 0;
+  #weakReferences = 0;
   #running = false;
-  #blocking = false;
+  // The wait in flight on the helper thread, and whether it keeps the process alive.
+  #blockingWait?: Promise<number>;
+  #blockingWaitKeepsAlive = true;
   #lingerSlices = 0;
   // Until when an event is expected (performance.now()), and whether that was said after the
   // loop's last full turn: the waiter's partner may be in this process, yet to run.
@@ -147,10 +181,14 @@ export class Reactor {
     this.control(EPOLL_CTL_ADD, this.#wakeFd, EPOLLIN, 0);
   }
 
-  /** Registers `fd` for `events` (level-triggered unless `EPOLLET` is among them). */
-  watch(fd: number, events: number, handler: ReadyHandler): Watch {
+  /**
+   * Registers `fd` for `events` (level-triggered unless `EPOLLET` is among
+   * them); `keepsAlive` as in {@link Watch.keepsAlive}.
+   */
+  watch(fd: number, events: number, handler: ReadyHandler, keepsAlive = true): Watch {
     const watch = new Watch(this, fd, handler);
     this.register(watch, events);
+    watch.keepsAlive = keepsAlive;
     watch.referenced = true;
     return watch;
   }
@@ -187,19 +225,29 @@ export class Reactor {
     }
   }
 
-  /** @internal */
-  adjustReferences(delta: number): void {
-    this.#references += delta;
-    if (this.#references > 0 && !this.#running) {
+  /** @internal `delta` references that keep the process alive or, if not `keepsAlive`, only the loop. */
+  adjustReferences(delta: number, keepsAlive: boolean): void {
+    if (keepsAlive) this.#references += delta;
+    else this.#weakReferences += delta;
+    const wanted = this.#references + this.#weakReferences;
+    if (wanted > 0 && !this.#running) {
       this.#running = true;
       this.#stopped = this.#run().catch((error) => {
         // Without its loop, nothing in the process hears its sockets again: say why, then fail.
         logger.fatal("the event loop stopped: {error}", { error });
         throw error;
       });
-    } else if (this.#references === 0 && this.#blocking) {
-      this.#wake();
+    } else if (this.#blockingWait !== undefined) {
+      if (wanted === 0) this.#wake();
+      else this.#keepAliveWhileBlocked(this.#references > 0);
     }
+  }
+
+  #keepAliveWhileBlocked(keepsAlive: boolean): void {
+    if (keepsAlive === this.#blockingWaitKeepsAlive) return;
+    this.#blockingWaitKeepsAlive = keepsAlive;
+    if (keepsAlive) denoCore?.refOpPromise?.(this.#blockingWait!);
+    else denoCore?.unrefOpPromise?.(this.#blockingWait!);
   }
 
   #wake(): void {
@@ -256,7 +304,7 @@ export class Reactor {
       let failedWaits = 0;
       let dispatched = false;
       let lastTurn = performance.now();
-      while (this.#references > 0) {
+      while (this.#references + this.#weakReferences > 0) {
         // A fresh expectation waits for the turn below anyway, and the wait after the turn
         // sees whatever is ready now: no poll before it.
         if (this.#expectedFresh && !dispatched) {
@@ -293,11 +341,13 @@ export class Reactor {
           // A fresh expectation gets its slice after a turn.
           if (!dispatched && waitMs === 0 && !this.#expectedFresh) {
             // Quiet, and nothing left to run: hand the wait to a helper thread.
-            this.#blocking = true;
+            this.#blockingWait = libc.epoll_wait_blocking(this.#epfd, this.#waited, MAX_EVENTS, -1);
+            this.#blockingWaitKeepsAlive = true;
+            this.#keepAliveWhileBlocked(this.#references > 0);
             // A failed blocking wait set errno on the helper thread, out of our reach: retry,
             // and poll synchronously (where errno is ours) if it keeps failing.
-            const waited = await libc.epoll_wait_blocking(this.#epfd, this.#waited, MAX_EVENTS, -1);
-            this.#blocking = false;
+            const waited = await this.#blockingWait;
+            this.#blockingWait = undefined;
             if (waited >= 0) failedWaits = 0;
             else if (++failedWaits >= 3) {
               failedWaits = 0;
@@ -319,7 +369,7 @@ export class Reactor {
       }
     } finally {
       this.#running = false;
-      this.#blocking = false;
+      this.#blockingWait = undefined;
     }
   }
 }
@@ -340,6 +390,7 @@ export class Readiness {
   readonly #fd: number;
   #watch?: Watch;
   #interest = 0;
+  #keepsAlive = true;
   #readWaiters: (() => void)[] = [];
   #writeWaiters: (() => void)[] = [];
 
@@ -368,6 +419,20 @@ export class Readiness {
     return this.#wait(this.#writeWaiters, WRITE_INTEREST);
   }
 
+  /**
+   * Whether a pending wait keeps the process alive (the default). When not,
+   * waits are still answered for as long as something else keeps the
+   * process running, as with Node's `unref()`.
+   */
+  get keepsAlive(): boolean {
+    return this.#keepsAlive;
+  }
+
+  set keepsAlive(value: boolean) {
+    this.#keepsAlive = value;
+    if (this.#watch !== undefined) this.#watch.keepsAlive = value;
+  }
+
   /** Wakes every waiter (they retry and see the descriptor's state) and unregisters. */
   cancel(closing: boolean): void {
     this.#watch?.cancel(closing);
@@ -382,7 +447,12 @@ export class Readiness {
     // reports the current state, so no edge is missed.
     if (this.#watch === undefined) {
       this.#interest = interest;
-      this.#watch = Reactor.instance().watch(this.#fd, interest, (events) => this.#onReady(events));
+      this.#watch = Reactor.instance().watch(
+        this.#fd,
+        interest,
+        (events) => this.#onReady(events),
+        this.#keepsAlive,
+      );
     } else if ((this.#interest & interest) !== interest) {
       this.#interest |= interest;
       this.#watch.modify(this.#interest);

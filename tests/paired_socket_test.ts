@@ -1,8 +1,11 @@
 import assert from "node:assert/strict";
+import { fileURLToPath } from "node:url";
+import { getPair } from "../client/pair.ts";
 import { closeDescriptor, PairedSocket } from "../client/paired_socket.ts";
 import { Reactor } from "../ffi/reactor.ts";
 import { createSocketPair, sendFrom } from "../ffi/socket.ts";
-import { countOpenDescriptors } from "./helpers.ts";
+import { countOpenDescriptors, withBroker } from "./helpers.ts";
+import { Cli } from "./processes.ts";
 
 /** Two PairedSockets on a fresh socketpair, as the broker would hand them out. */
 function pair(): [PairedSocket, PairedSocket] {
@@ -272,3 +275,79 @@ Deno.test("closeDescriptor refuses what is not a descriptor number rather than c
     });
   }
 });
+
+Deno.test("an unref'd socket still reads while something else keeps the process alive", () =>
+  leakFree(async () => {
+    const [a, b] = pair();
+    b.unref();
+    const keepAlive = setTimeout(() => {}, 10_000);
+    const next = b.read(new Uint8Array(8));
+    await later(20);
+    await a.write(pattern(3));
+    assert.equal(await next, 3);
+    clearTimeout(keepAlive);
+    a.close();
+    b.close();
+  }));
+
+const CONFIG = fileURLToPath(new URL("../deno.json", import.meta.url));
+
+/**
+ * Gets the pair for `key` at `path`, then runs its steps and says `waiting`:
+ * `unref`, `read` (prints `read N`), `ref-later` and `unref-later` (100 ms
+ * on, while the read waits).
+ */
+const KEEP_ALIVE_CHILD = `
+import { getPair } from ${JSON.stringify(import.meta.resolve("../client/pair.ts"))};
+const [path, key, ...steps] = Deno.args;
+const socket = await getPair(key, { socket: path });
+const report = (count) => console.log(\`read \${count}\`);
+for (const step of steps) {
+  if (step === "unref") socket.unref();
+  else if (step === "read") socket.read(new Uint8Array(64)).then(report);
+  else if (step === "ref-later") setTimeout(() => socket.ref(), 100);
+  else if (step === "unref-later") setTimeout(() => socket.unref(), 100);
+  else throw new Error(\`unknown step \${step}\`);
+}
+console.log("waiting");
+`;
+
+/** How long a child that must stay alive is watched before it is sent its bytes. */
+const ALIVE_CHECK_MS = 400;
+
+for (
+  const [steps, exits] of [
+    [["unref", "read"], true],
+    [["read"], false],
+    [["read", "unref-later"], true],
+    [["unref", "read", "ref-later"], false],
+  ] as const
+) {
+  const outcome = exits ? "exits on its own" : "stays until its bytes come";
+  Deno.test(`a process waiting on a paired socket (${steps.join(", ")}) ${outcome}`, () =>
+    withBroker(async (_broker, path) => {
+      const key = `keep-alive-${steps.join("-")}`;
+      const child = new Cli([path, key, ...steps], {
+        command: [Deno.execPath(), "eval", "--config", CONFIG, KEEP_ALIVE_CHILD],
+      });
+      try {
+        using mine = await getPair(key, { socket: path });
+        if (exits) {
+          const { code, stdout, stderr } = await child.finish();
+          assert.equal(code, 0, stderr);
+          assert.equal(new TextDecoder().decode(stdout), "waiting\n");
+        } else {
+          await child.waitForOutput("waiting");
+          await later(ALIVE_CHECK_MS);
+          assert.equal(child.exited, false, `it exited with nothing to read: ${child.output}`);
+          await mine.write(pattern(3));
+          const { code, stdout, stderr } = await child.finish();
+          assert.equal(code, 0, stderr);
+          assert.equal(new TextDecoder().decode(stdout), "waiting\nread 3\n");
+        }
+        assert.equal(await mine.read(new Uint8Array(1)), null);
+      } finally {
+        await child.dispose();
+      }
+    }));
+}
