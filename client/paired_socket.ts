@@ -1,11 +1,12 @@
 /**
  * {@link PairedSocket}: the descriptor a client receives from the broker, as
- * async reads and writes and as web streams; and {@link closeDescriptor} for
- * one it gave up.
+ * async reads and writes, as web streams, or as a `node:net` socket; and
+ * {@link closeDescriptor} for one it gave up.
  *
  * @module
  */
 
+import type { Socket } from "node:net";
 import { Errno, OsError } from "../ffi/errors.ts";
 import {
   closeDescriptor as releaseDescriptor,
@@ -21,7 +22,7 @@ const STREAM_CHUNK_SIZE = 64 * 1024;
 /**
  * One end of the socketpair the broker created: a connected Unix stream
  * socket shared with exactly one peer. It owns its descriptor until
- * {@link close} or {@link detach}.
+ * {@link close}, {@link detach} or {@link toNodeSocket}.
  *
  * Reads and writes are system calls on the JavaScript thread; only waiting
  * for the peer goes through the process's event loop. While bytes flow, a
@@ -42,6 +43,8 @@ const STREAM_CHUNK_SIZE = 64 * 1024;
 export class PairedSocket implements Disposable, AsyncDisposable {
   readonly #socket: UnixSocket;
   #nonblocking = false;
+  // Reads and writes awaiting the peer: the descriptor must not change hands under them.
+  #waiting = 0;
   // Whether bytes came in (went out) since the last wait: the peer is sending (reading)
   // right now, and its next bytes (room) are microseconds away.
   #streaming = false;
@@ -58,7 +61,7 @@ export class PairedSocket implements Disposable, AsyncDisposable {
     this.#socket = new UnixSocket(fd);
   }
 
-  /** The descriptor number, for handing on; -1 once closed or detached. */
+  /** The descriptor number, for handing on; -1 once closed, detached or handed to Node. */
   get fd(): number {
     return this.#socket.fd;
   }
@@ -86,7 +89,9 @@ export class PairedSocket implements Disposable, AsyncDisposable {
     for (;;) {
       const count = this.#readNow(buffer as Uint8Array<ArrayBuffer>);
       if (count !== 0) return count;
+      this.#waiting++;
       await this.#readable();
+      this.#waiting--;
     }
   }
 
@@ -129,7 +134,9 @@ export class PairedSocket implements Disposable, AsyncDisposable {
         // A full buffer after bytes went out: the reader is draining it right now.
         const soon = this.#flowing;
         this.#flowing = false;
+        this.#waiting++;
         await this.#socket.readiness.writable(soon);
+        this.#waiting--;
       } else {
         throw new OsError("write", -count);
       }
@@ -231,6 +238,53 @@ export class PairedSocket implements Disposable, AsyncDisposable {
   /** Undoes {@link unref}: a pending read or write keeps the process alive again. */
   ref(): void {
     this.#socket.readiness.keepsAlive = true;
+  }
+
+  /**
+   * Hands the descriptor to a new `node:net` socket, for the libraries that
+   * take one (`node:http`, `node:http2`, `node:tls`, gRPC): this object then
+   * behaves as detached (`fd` is -1, its calls throw `BadResource`) and the
+   * returned socket owns the descriptor and closes it when destroyed. An
+   * {@link unref}'d socket stays unref'd. `node:net` is loaded on the first
+   * call, not when this module is imported.
+   *
+   * @throws {Deno.errors.BadResource} once closed or detached
+   * @throws {Deno.errors.Busy} while a read or write awaits the peer, or once
+   *   {@link readable} or {@link writable} was taken (their bytes are theirs)
+   *
+   * @example Serve HTTP/1.1 to the peer
+   * ```ts
+   * import { createServer } from "node:http";
+   * import { getPair } from "@one-socket/one-socket";
+   * const server = createServer((_request, response) => response.end("hello\n"));
+   * const socket = await getPair("http-demo", { mode: "server" });
+   * server.emit("connection", socket.toNodeSocket());
+   * ```
+   *
+   * @example Request it from the other end
+   * ```ts
+   * import { request } from "node:http";
+   * import { getPair } from "@one-socket/one-socket";
+   * const socket = (await getPair("http-demo", { mode: "client" })).toNodeSocket();
+   * request({ createConnection: () => socket, path: "/" }, (response) => response.pipe(process.stdout))
+   *   .end();
+   * ```
+   */
+  toNodeSocket(): Socket {
+    const fd = this.#socket.fd;
+    if (fd < 0) throw new Deno.errors.BadResource("toNodeSocket: paired socket is closed");
+    if (this.#waiting > 0) {
+      throw new Deno.errors.Busy(`toNodeSocket: a read or write on fd ${fd} awaits the peer`);
+    }
+    if (this.#stream !== undefined || this.#writable !== undefined) {
+      throw new Deno.errors.Busy(`toNodeSocket: the web streams of fd ${fd} own its bytes`);
+    }
+    const net = process.getBuiltinModule("node:net");
+    // Node documents both as false by default for a socket made from a descriptor.
+    const socket = new net.Socket({ fd, readable: true, writable: true });
+    if (!this.#socket.readiness.keepsAlive) socket.unref();
+    this.#socket.detach();
+    return socket;
   }
 
   /**

@@ -294,8 +294,8 @@ const CONFIG = fileURLToPath(new URL("../deno.json", import.meta.url));
 
 /**
  * Gets the pair for `key` at `path`, then runs its steps and says `waiting`:
- * `unref`, `read` (prints `read N`), `ref-later` and `unref-later` (100 ms
- * on, while the read waits).
+ * `unref`, `read` (prints `read N`), `node-read` (the same through
+ * toNodeSocket), `ref-later` and `unref-later` (100 ms on, while the read waits).
  */
 const KEEP_ALIVE_CHILD = `
 import { getPair } from ${JSON.stringify(import.meta.resolve("../client/pair.ts"))};
@@ -305,6 +305,7 @@ const report = (count) => console.log(\`read \${count}\`);
 for (const step of steps) {
   if (step === "unref") socket.unref();
   else if (step === "read") socket.read(new Uint8Array(64)).then(report);
+  else if (step === "node-read") socket.toNodeSocket().on("data", (chunk) => report(chunk.length));
   else if (step === "ref-later") setTimeout(() => socket.ref(), 100);
   else if (step === "unref-later") setTimeout(() => socket.unref(), 100);
   else throw new Error(\`unknown step \${step}\`);
@@ -321,6 +322,7 @@ for (
     [["read"], false],
     [["read", "unref-later"], true],
     [["unref", "read", "ref-later"], false],
+    [["unref", "node-read"], true],
   ] as const
 ) {
   const outcome = exits ? "exits on its own" : "stays until its bytes come";
