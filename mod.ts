@@ -54,7 +54,7 @@ export {
   getPair,
   type PairOptions,
 } from "./client/pair.ts";
-export { PairedSocket } from "./client/paired_socket.ts";
+export { closeDescriptor, PairedSocket } from "./client/paired_socket.ts";
 export type { BrokerMetrics, DropReason, Histogram } from "./broker/metrics.ts";
 export { defaultSocketPath, SOCKET_PATH_VARIABLE } from "./client/socket_path.ts";
 export { type Key, type Mode, ProtocolError } from "./client/protocol.ts";
