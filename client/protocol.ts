@@ -4,7 +4,7 @@
  *
  * Interoperates with the C implementation (`one-socket`, `libspbroker`):
  * every message is 1044 bytes on the wire, little-endian, although the
- * protocol text describes 1040; see `protocol-v1.md`.
+ * protocol text describes 1040; see `docs/protocol.md`.
  *
  * @example Usage
  * ```ts
