@@ -20,6 +20,8 @@
  * @module
  */
 
+import { putU16, putU32, u16, u32 } from "./bytes.ts";
+
 /**
  * Bytes of every message on the wire, in both directions.
  *
@@ -254,7 +256,8 @@ export function keyBytes(key: Key): Uint8Array {
 /**
  * Which part of a message broke the protocol. `descriptors` (a request came
  * with descriptors) and `sequence` (a second request on one connection) are
- * not visible in the bytes; the broker reports them.
+ * not visible in the bytes; the broker reports them. `type`, `options`,
+ * `backlog` and `count` exist only in protocol v2 (`protocol_v2.ts`).
  *
  * @example Usage
  * ```ts
@@ -271,7 +274,11 @@ export type ProtocolErrorField =
   | "mode"
   | "key_len"
   | "descriptors"
-  | "sequence";
+  | "sequence"
+  | "type"
+  | "options"
+  | "backlog"
+  | "count";
 
 /**
  * A message that breaks the protocol. The peer's connection is closed; it may
@@ -326,29 +333,6 @@ export class ProtocolError extends Error {
     this.value = value;
     this.expected = expected;
   }
-}
-
-// Plain byte arithmetic rather than a DataView: no allocation per message, and
-// the frame may be any view into a larger buffer.
-function u32(frame: Uint8Array, offset: number): number {
-  return (frame[offset] | (frame[offset + 1] << 8) | (frame[offset + 2] << 16) |
-    (frame[offset + 3] << 24)) >>> 0;
-}
-
-function u16(frame: Uint8Array, offset: number): number {
-  return frame[offset] | (frame[offset + 1] << 8);
-}
-
-function putU32(frame: Uint8Array, offset: number, value: number): void {
-  frame[offset] = value;
-  frame[offset + 1] = value >>> 8;
-  frame[offset + 2] = value >>> 16;
-  frame[offset + 3] = value >>> 24;
-}
-
-function putU16(frame: Uint8Array, offset: number, value: number): void {
-  frame[offset] = value;
-  frame[offset + 1] = value >>> 8;
 }
 
 function header(
