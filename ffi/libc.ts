@@ -192,6 +192,8 @@ export const SOCK_CLOEXEC = 0o2000000;
 export const SOL_SOCKET = 1;
 /** `SO_PEERCRED` */
 export const SO_PEERCRED = 17;
+/** `SO_PEERPIDFD` (Linux 6.5): a pidfd of the peer as of its `connect`. */
+export const SO_PEERPIDFD = 77;
 /** `SO_TYPE` */
 export const SO_TYPE = 3;
 /** `SO_ACCEPTCONN`: whether `listen` was called on the socket. */

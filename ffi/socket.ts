@@ -28,6 +28,7 @@ import {
   SO_ACCEPTCONN,
   SO_DOMAIN,
   SO_PEERCRED,
+  SO_PEERPIDFD,
   SO_TYPE,
   SOCK_CLOEXEC,
   SOCK_DGRAM,
@@ -289,13 +290,29 @@ export function acceptConnection(listenFd: number): number {
 }
 
 /**
- * A connected pair of blocking, close-on-exec stream sockets, written to
- * `into`. Blocking on purpose: the file status flags travel with a passed
- * descriptor, and its receiver (often a C program) expects a plain socket.
- * Returns 0 or -errno.
+ * A connected pair of blocking, close-on-exec sockets of `type`
+ * (`SOCK_STREAM` by default), written to `into`. Blocking on purpose: the
+ * file status flags travel with a passed descriptor, and its receiver (often
+ * a C program) expects a plain socket. Returns 0 or -errno.
  */
-export function createSocketPair(into: Int32Array<ArrayBuffer>): number {
-  return libc.socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, into) < 0 ? -errno() : 0;
+export function createSocketPair(
+  into: Int32Array<ArrayBuffer>,
+  type: number = SOCK_STREAM,
+): number {
+  return libc.socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, into) < 0 ? -errno() : 0;
+}
+
+/**
+ * A pidfd of the peer of `fd` as of its `connect` (`SO_PEERPIDFD`, Linux
+ * 6.5), close-on-exec; or -errno (`ENOPROTOOPT` on older kernels, `ESRCH`
+ * when the peer process is gone).
+ */
+export function peerPidfd(fd: number): number {
+  intOptionLength[0] = 4;
+  if (libc.getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, intOption, intOptionLength) < 0) {
+    return -errno();
+  }
+  return intOption[0];
 }
 
 /** `sendmsg` of `header`'s prepared message: bytes sent, or -errno. */

@@ -157,18 +157,24 @@ export class MessageHeader {
     this.#headerView.setInt32(48, 0, true);
   }
 
-  /** Prepares to send the first `length` bytes of `data`, with `fd` attached unless it is -1. */
-  prepareSend(length: number, fd: number): void {
+  /**
+   * Prepares to send the first `length` bytes of `data`, with `fd` attached
+   * unless it is -1, and `second` after it unless that is -1 (the header
+   * must have room for two).
+   */
+  prepareSend(length: number, fd: number, second = -1): void {
     this.#iovecView.setUint32(8, length, true);
     if (fd < 0) {
       this.#headerView.setUint32(40, 0, true);
       return;
     }
-    this.#controlView.setBigUint64(0, 20n, true); // CMSG_LEN(sizeof(int))
+    const count = second < 0 ? 1 : 2;
+    this.#controlView.setBigUint64(0, count === 1 ? 20n : 24n, true); // CMSG_LEN(count * sizeof(int))
     this.#controlView.setInt32(8, SOL_SOCKET, true);
     this.#controlView.setInt32(12, SCM_RIGHTS, true);
     this.#controlView.setInt32(16, fd, true);
-    this.#headerView.setUint32(40, cmsgSpace(1), true);
+    if (count === 2) this.#controlView.setInt32(20, second, true);
+    this.#headerView.setUint32(40, cmsgSpace(count), true);
   }
 
   /**
