@@ -15,7 +15,8 @@
  * @module
  */
 
-import { describeKey, GET_PAIR_KEY_OFFSET, type Mode } from "../client/protocol.ts";
+import { describeKey, type Mode } from "../client/protocol.ts";
+import { SOCKET_TYPES } from "../client/protocol_v2.ts";
 import type { AccessDecision, AccessRequest } from "./broker.ts";
 import type { Connection, ConnectionTable, UidAccount } from "./connections.ts";
 import { NO_SCOPE } from "./matcher.ts";
@@ -68,27 +69,33 @@ export class Admission {
   }
 
   /**
-   * Applies the authorizer and uid isolation to a validated request in
-   * `frame`. Returns the scope the matcher should file the key in
+   * Applies the authorizer and uid isolation to a validated request (or,
+   * with `listen`, a registration) whose key is in `frame`. Returns the scope the matcher should file the key in
    * ({@link NO_SCOPE} unless uids are isolated), or a {@link Refusal}. With
    * neither option it only returns: nothing is read or built.
    */
   scopeFor(
     connection: Connection,
     frame: Uint8Array,
+    keyOffset: number,
     keyLength: number,
     mode: Mode,
+    listen: boolean,
   ): number | Refusal {
     if (!this.#decides) return NO_SCOPE;
     const { authorize, isolateUids } = this.#options;
     let crossUid = false;
     if (authorize) {
-      const key = frame.slice(GET_PAIR_KEY_OFFSET, GET_PAIR_KEY_OFFSET + keyLength);
-      const decision = authorize({ key, mode, peer: connection.peer });
+      const key = frame.slice(keyOffset, keyOffset + keyLength);
+      const type = SOCKET_TYPES[connection.socketType];
+      const decision = authorize({ key, mode, peer: connection.peer, listen, type });
       if (!decision.allowed) {
+        const what = listen
+          ? `listening on key "${describeKey(key)}"`
+          : `key "${describeKey(key)}"`;
         return {
           reason: "policy",
-          detail: `key "${describeKey(key)}" as ${mode} denied by ${decision.rule}`,
+          detail: `${what} as ${mode} denied by ${decision.rule}`,
         };
       }
       crossUid = decision.crossUid ?? false;

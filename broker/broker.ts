@@ -21,6 +21,24 @@ import {
   ProtocolError,
   validateGetPair,
 } from "../client/protocol.ts";
+import {
+  CREDIT_SIZE,
+  HEADER_SIZE,
+  isListen,
+  MAX_REQUEST_SIZE,
+  messageVersion,
+  REQUEST_KEY_OFFSET,
+  requestBacklog,
+  requestKeyLength,
+  requestLength,
+  requestMode,
+  requestType,
+  requestWantsPidfd,
+  SOCKET_TYPES,
+  type SocketType,
+  validateRequest,
+  VERSION_2,
+} from "../client/protocol_v2.ts";
 import { Errno, errnoName, OsError } from "../ffi/errors.ts";
 import { EPOLLIN, EPOLLRDHUP } from "../ffi/libc.ts";
 import { Reactor, type Watch } from "../ffi/reactor.ts";
@@ -38,6 +56,7 @@ import { MessageHeader, type PeerCredentials } from "../ffi/structs.ts";
 import { Admission, type Refusal, type UidLimits } from "./admission.ts";
 import { type Connection, ConnectionTable } from "./connections.ts";
 import { Delivered, Delivery } from "./delivery.ts";
+import { Listeners } from "./listeners.ts";
 import { LogLimit } from "./log_limit.ts";
 import { Matcher } from "./matcher.ts";
 import { BrokerMetrics, type DropReason } from "./metrics.ts";
@@ -52,6 +71,10 @@ export interface AccessRequest {
   mode: Mode;
   /** The client's credentials as of its `connect`. */
   peer: PeerCredentials;
+  /** Whether it asks to listen on the key (protocol v2) rather than to pair once; default false. */
+  listen?: boolean;
+  /** The socket type asked for (`stream`, the default, for every v1 request). */
+  type?: SocketType;
 }
 
 /** What an {@link Authorizer} decided. */
@@ -127,6 +150,8 @@ export interface BrokerStats {
   open: number;
   /** Clients waiting for a partner now. */
   waiting: number;
+  /** Listeners registered now (protocol v2). */
+  listeners: number;
 }
 
 /** A client waiting for its partner, as listed by {@link Broker.waitingClients}. */
@@ -138,6 +163,32 @@ export interface WaitingClient {
   /** The requested mode. */
   mode: Mode;
   /** When it started waiting. */
+  since: Date;
+  /** Its credentials as of its `connect`. */
+  peer: PeerCredentials;
+  /** The socket type it asked for. */
+  type: SocketType;
+  /** The protocol version it spoke. */
+  version: 1 | 2;
+}
+
+/** A registered listener, as listed by {@link Broker.listeners}. */
+export interface ListenerInfo {
+  /** The broker's id for the connection (for {@link Broker.kick}). */
+  id: number;
+  /** The key it listens on. */
+  key: Uint8Array;
+  /** Its mode: requests in the peer mode are served. */
+  mode: Mode;
+  /** The socket type it serves. */
+  type: SocketType;
+  /** Connections it may have in flight. */
+  backlog: number;
+  /** Connections delivered and not yet credited back. */
+  inFlight: number;
+  /** Connections delivered to it since it registered. */
+  served: number;
+  /** When it registered. */
   since: Date;
   /** Its credentials as of its `connect`. */
   peer: PeerCredentials;
@@ -202,10 +253,14 @@ export class Broker implements AsyncDisposable {
   readonly #table: ConnectionTable;
   readonly #admission: Admission;
   readonly #delivery = new Delivery();
+  readonly #listeners: Listeners;
   /** Warnings about clients are budgeted per cause: a flood of bad ones must not fill the log. */
   readonly #logLimit = new LogLimit();
   // One receive header for the whole broker: every call is synchronous.
-  readonly #inbound = new MessageHeader(new Uint8Array(MESSAGE_SIZE), MAX_RECEIVED_DESCRIPTORS);
+  readonly #inbound = new MessageHeader(
+    new Uint8Array(Math.max(MESSAGE_SIZE, MAX_REQUEST_SIZE)),
+    MAX_RECEIVED_DESCRIPTORS,
+  );
   readonly #sweepTimer: ReturnType<typeof setInterval>;
   /** Whether debug lines are wanted, read once: asking on every pairing costs. */
   readonly #debug = logger.isEnabledFor("debug");
@@ -223,6 +278,12 @@ export class Broker implements AsyncDisposable {
       countWaitingFrom(options),
     );
     this.#admission = new Admission(options, this.#table);
+    this.#listeners = new Listeners(
+      this.#matcher,
+      this.#table,
+      this.#delivery,
+      (first, second, now, key) => this.#pair(first, second, now, key),
+    );
     this.#listener = listener;
     this.#ownFile = ownFile;
     this.#listenWatch = Reactor.instance().watch(listener.fd, EPOLLIN, () => this.#acceptAll());
@@ -266,6 +327,7 @@ export class Broker implements AsyncDisposable {
       rejected: this.metrics.rejected,
       open: this.#table.size,
       waiting: this.#matcher.size,
+      listeners: this.#table.listening.size,
     };
   }
 
@@ -286,16 +348,45 @@ export class Broker implements AsyncDisposable {
     const clients: WaitingClient[] = [];
     for (const connection of this.#table.values()) {
       if (clients.length >= limit) break;
-      if (connection.id <= after || !connection.isWaiting) continue;
+      if (connection.id <= after || !connection.isWaiting || connection.isListening) continue;
       clients.push({
         id: connection.id,
         key: connection.key,
         mode: connection.mode,
         since: new Date(performance.timeOrigin + connection.since),
         peer: connection.peer,
+        type: SOCKET_TYPES[connection.socketType],
+        version: connection.version,
       });
     }
     return clients;
+  }
+
+  /**
+   * One page of the registered listeners, by ascending id, as
+   * {@link waitingClients} pages: bounded by the number of listeners.
+   */
+  listeners(page: ListingPage = {}): ListenerInfo[] {
+    const after = page.after ?? 0;
+    const limit = Math.min(page.limit ?? MAX_LISTING_PAGE, MAX_LISTING_PAGE);
+    const listeners: ListenerInfo[] = [];
+    for (const connection of this.#table.listening) {
+      if (listeners.length >= limit) break;
+      const registration = connection.registration!;
+      if (connection.id <= after) continue;
+      listeners.push({
+        id: connection.id,
+        key: registration.key.slice(),
+        mode: registration.mode,
+        type: SOCKET_TYPES[registration.type],
+        backlog: registration.backlog,
+        inFlight: registration.backlog - registration.credit,
+        served: registration.served,
+        since: new Date(performance.timeOrigin + connection.since),
+        peer: connection.peer,
+      });
+    }
+    return listeners;
   }
 
   /** Disconnects the client with `id`; false if no such connection is open. */
@@ -304,7 +395,7 @@ export class Broker implements AsyncDisposable {
     if (connection === undefined) return false;
     logger.info("disconnecting client {id} on request", { id });
     this.metrics.countDrop("kicked");
-    this.#table.close(connection);
+    this.#close(connection, "kicked");
     return true;
   }
 
@@ -327,6 +418,7 @@ export class Broker implements AsyncDisposable {
     this.#listener.close();
     if (this.#ownFile !== undefined) this.#removeOwnFile(this.#ownFile);
     const open = this.#table.size;
+    // No REFUSED: a client seeing end of stream after its HELLO knows the broker stopped.
     for (const connection of this.#table.values()) this.#table.close(connection);
     this.#logLimit.report(Infinity, this.#reportHeldBack);
     logger.info("stopped listening on {path}; closed {open} client connections", {
@@ -443,11 +535,14 @@ export class Broker implements AsyncDisposable {
 
   /** `now` is the caller's clock reading, if it has one: readings cost, and a batch shares one. */
   #onReadable(connection: Connection, now: number | undefined): void {
-    const alreadyRequested = connection.isWaiting;
+    const listening = connection.registration !== undefined;
+    const requested = listening || connection.isWaiting;
     // After the request, read one byte past the frame to tell a hang-up from extra data.
-    const want = alreadyRequested
-      ? Math.max(MESSAGE_SIZE - connection.received, 1)
-      : MESSAGE_SIZE - connection.received;
+    const want = listening
+      ? CREDIT_SIZE - connection.received
+      : requested
+      ? Math.max(connection.expected - connection.received, 1)
+      : connection.expected - connection.received;
     const inbound = this.#inbound;
     inbound.prepareReceive(want);
     const count = receiveMessage(connection.fd, inbound);
@@ -467,13 +562,23 @@ export class Broker implements AsyncDisposable {
       for (const fd of inbound.descriptors) closeDescriptor(fd);
       this.#reject(
         connection,
-        new ProtocolError("GET_PAIR", "descriptors", attached, "a request carries none"),
+        new ProtocolError("request", "descriptors", attached, "a request carries none"),
       );
       return;
     }
-    if (alreadyRequested) {
+    if (listening) {
+      const error = this.#listeners.receive(
+        connection,
+        inbound.data,
+        count,
+        now ?? performance.now(),
+      );
+      if (error !== undefined) this.#reject(connection, error);
+      return;
+    }
+    if (requested) {
       connection.received += count;
-      if (connection.received > MESSAGE_SIZE) {
+      if (connection.received > connection.expected) {
         this.#reject(
           connection,
           new ProtocolError(
@@ -488,30 +593,102 @@ export class Broker implements AsyncDisposable {
     }
     // A request that arrived whole is validated and matched where it was received.
     let frame: Uint8Array = inbound.data;
-    if (connection.received > 0 || count < GET_PAIR_MIN_SIZE) {
-      frame = connection.frame ??= new Uint8Array(MESSAGE_SIZE);
+    if (connection.received > 0 || !arrivedWhole(frame, count)) {
+      frame = connection.frame ??= new Uint8Array(inbound.data.length);
       frame.set(inbound.data.subarray(0, count), connection.received);
     }
     connection.received += count;
-    if (connection.received < GET_PAIR_MIN_SIZE) return;
-    const error = validateGetPair(frame, connection.received);
-    if (error !== undefined) {
-      this.#reject(connection, error);
-      return;
+    if (connection.version === 1) {
+      if (connection.received >= 8 && messageVersion(frame) === VERSION_2) {
+        if (connection.received < HEADER_SIZE) return;
+        const length = requestLength(frame);
+        if (typeof length !== "number") return this.#reject(connection, length);
+        connection.version = 2;
+        connection.expected = length;
+      } else {
+        if (connection.received < GET_PAIR_MIN_SIZE) return;
+        const error = validateGetPair(frame, connection.received);
+        if (error !== undefined) return this.#reject(connection, error);
+        this.#onRequest(
+          connection,
+          frame,
+          GET_PAIR_KEY_OFFSET,
+          getPairKeyLength(frame),
+          getPairMode(frame),
+          now,
+        );
+        return;
+      }
     }
+    if (connection.received < connection.expected) return;
+    const error = connection.received > connection.expected
+      ? new ProtocolError(
+        isListen(frame) ? "LISTEN" : "GET_PAIR",
+        "sequence",
+        connection.received,
+        `${connection.expected} bytes, then nothing until the reply`,
+      )
+      : validateRequest(frame, connection.received);
+    if (error !== undefined) return this.#reject(connection, error);
+    connection.socketType = SOCKET_TYPES.indexOf(requestType(frame));
+    connection.wantsPidfd = requestWantsPidfd(frame);
+    connection.hearsReasons = true;
+    this.#onRequest(
+      connection,
+      frame,
+      REQUEST_KEY_OFFSET,
+      requestKeyLength(frame),
+      requestMode(frame),
+      now,
+    );
+  }
+
+  /** A whole, valid request is in `frame`: admit it, then pair it, file it or register it. */
+  #onRequest(
+    connection: Connection,
+    frame: Uint8Array,
+    keyOffset: number,
+    keyLength: number,
+    mode: Mode,
+    now: number | undefined,
+  ): void {
     connection.frame = undefined;
     this.#table.endHandshake(connection);
-    const mode = getPairMode(frame);
-    const keyLength = getPairKeyLength(frame);
-    const scope = this.#admission.scopeFor(connection, frame, keyLength, mode);
-    if (typeof scope === "number") this.#pairOrWait(connection, frame, keyLength, mode, scope, now);
-    else this.#refuse(connection, scope);
+    const listen = connection.version === 2 && isListen(frame);
+    const scope = this.#admission.scopeFor(connection, frame, keyOffset, keyLength, mode, listen);
+    if (typeof scope !== "number") return this.#refuse(connection, scope);
+    if (!listen) return this.#pairOrWait(connection, frame, keyOffset, keyLength, mode, scope, now);
+    const refusal = this.#admission.refuseWaiting(connection);
+    if (refusal !== undefined) return this.#refuse(connection, refusal);
+    now ??= performance.now();
+    if (
+      !this.#listeners.register(
+        connection,
+        frame,
+        keyOffset,
+        keyLength,
+        mode,
+        scope,
+        requestBacklog(frame),
+        now,
+      )
+    ) {
+      return;
+    }
+    logger.info(`client {id} (pid {pid}, uid {uid}) listens on key "{key}" as {mode}`, {
+      id: connection.id,
+      pid: connection.peer.pid,
+      uid: connection.peer.uid,
+      key: describeKey(connection.registration!.key),
+      mode,
+    });
   }
 
   /** Matches the request whose key is in `frame`, delivering or filing it. */
   #pairOrWait(
     connection: Connection,
     frame: Uint8Array,
+    keyOffset: number,
     keyLength: number,
     mode: Mode,
     scope: number,
@@ -521,10 +698,11 @@ export class Broker implements AsyncDisposable {
       const partner = this.#matcher.take(
         connection,
         frame,
-        GET_PAIR_KEY_OFFSET,
+        keyOffset,
         keyLength,
         mode,
         scope,
+        connection.socketType,
       );
       if (partner === undefined) {
         const refusal = this.#admission.refuseWaiting(connection);
@@ -538,12 +716,24 @@ export class Broker implements AsyncDisposable {
       }
       now ??= performance.now();
       // A partner that has gone away fails before anything was delivered: try the next.
-      if (this.#deliver(partner, connection, now, frame, keyLength)) return;
+      if (partner.registration !== undefined) {
+        if (this.#listeners.serve(partner, connection, now)) return;
+        continue;
+      }
+      const outcome = this.#pair(partner, connection, now, frame, keyOffset, keyLength);
+      this.#table.close(partner);
+      if (outcome === Delivered.PartnerGone) continue;
+      this.#table.close(connection);
+      return;
     }
   }
 
   #startWaiting(connection: Connection, now: number): void {
     this.#table.startWaiting(connection, now);
+    if (connection.version === 2 && !this.#delivery.sendHello(connection, 0)) {
+      this.#table.close(connection);
+      return;
+    }
     if (this.#debug) {
       logger.debug(`client {id} waits on key "{key}" as {mode}`, {
         id: connection.id,
@@ -554,42 +744,45 @@ export class Broker implements AsyncDisposable {
   }
 
   /**
-   * Hands `partner` and `newcomer` their pair and closes both. Returns false
-   * when the partner turned out to be gone, so that the newcomer can be
-   * matched again; every other outcome ends both clients. The key, for the
-   * log, is the newcomer's, in `frame`: the partner's copy left with its wait.
+   * Hands `first` and `second` their pair, counting and logging the
+   * outcome; the caller closes what it no longer needs. The key, for the
+   * log, is `keyLength` bytes of `bytes` from `keyOffset` (the newcomer's
+   * request, or a listener's key: a waiting partner's copy left with its wait).
    */
-  #deliver(
-    partner: Connection,
-    newcomer: Connection,
+  #pair(
+    first: Connection,
+    second: Connection,
     now: number,
-    frame: Uint8Array,
-    keyLength: number,
-  ): boolean {
-    const outcome = this.#delivery.deliver(partner, newcomer);
-    // A batch's reading may precede a partner that started waiting within that batch.
-    const waited = Math.max(0, now - partner.since);
+    bytes: Uint8Array,
+    keyOffset = 0,
+    keyLength = bytes.length,
+  ): Delivered {
+    const outcome = this.#delivery.deliver(first, second);
     if (outcome === Delivered.PartnerGone) {
-      if (this.#debug) logger.debug("client {id} left before its pair arrived", { id: partner.id });
-      this.#table.close(partner);
-      return false;
+      if (this.#debug) logger.debug("client {id} left before its pair arrived", { id: first.id });
+      return outcome;
     }
     if (outcome === Delivered.Failed) {
       this.metrics.countDrop("delivery_failed");
       this.#warn("delivery", "no pair for key {key}: {failure}; closed clients {a} and {b}", {
-        key: `"${describeRequestKey(frame, keyLength)}"`,
+        key: `"${describeKey(bytes.subarray(keyOffset, keyOffset + keyLength))}"`,
         failure: this.#delivery.failure,
-        a: partner.id,
-        b: newcomer.id,
+        a: first.id,
+        b: second.id,
       });
-    } else {
-      this.metrics.paired++;
-      this.metrics.pairWait.observe(waited / 1000);
-      if (this.#debug) this.#logPaired(partner, newcomer, describeRequestKey(frame, keyLength));
+      return outcome;
     }
-    this.#table.close(partner);
-    this.#table.close(newcomer);
-    return true;
+    this.metrics.paired++;
+    // A batch's reading may precede a partner that started waiting within that batch.
+    const waiting = first.registration === undefined ? first : second;
+    this.metrics.pairWait.observe(Math.max(0, now - waiting.since) / 1000);
+    if (first.registration !== undefined || second.registration !== undefined) {
+      this.metrics.listenerDeliveries++;
+    }
+    if (this.#debug) {
+      this.#logPaired(first, second, describeKey(bytes.subarray(keyOffset, keyOffset + keyLength)));
+    }
+    return outcome;
   }
 
   #logPaired(partner: Connection, newcomer: Connection, key: string): void {
@@ -626,6 +819,12 @@ export class Broker implements AsyncDisposable {
       id: connection.id,
       reason: error.message,
     });
+    this.#close(connection, error.message);
+  }
+
+  /** Closes a client, telling a v2 one why first: v1 has no word for it. */
+  #close(connection: Connection, reason: string): void {
+    if (connection.hearsReasons) this.#delivery.sendRefused(connection, reason);
     this.#table.close(connection);
   }
 
@@ -643,7 +842,7 @@ export class Broker implements AsyncDisposable {
         detail,
       });
     }
-    this.#table.close(connection);
+    this.#close(connection, reason);
   }
 
   /** Closes connections past their handshake or pair deadline; says what the log held back. */
@@ -668,11 +867,6 @@ export class Broker implements AsyncDisposable {
       this.#drop(connection, "pair_timeout", `no partner within ${pairTimeout} ms`);
     }
   }
-}
-
-/** The key of the request in `frame`, for a log line. */
-function describeRequestKey(frame: Uint8Array, keyLength: number): string {
-  return describeKey(frame.subarray(GET_PAIR_KEY_OFFSET, GET_PAIR_KEY_OFFSET + keyLength));
 }
 
 /**
@@ -719,4 +913,18 @@ export async function assertStale(path: string): Promise<void> {
     throw error;
   }
   throw new Error(`another broker is already listening on ${path}`);
+}
+
+/**
+ * Whether a request's first read, `count` bytes of `frame`, holds all of it:
+ * v1's 1040 bytes, or a v2 request as long as its header says (or a header
+ * already known to be bad).
+ */
+function arrivedWhole(frame: Uint8Array, count: number): boolean {
+  if (count >= 8 && messageVersion(frame) === VERSION_2) {
+    if (count < HEADER_SIZE) return false;
+    const length = requestLength(frame);
+    return typeof length !== "number" || count >= length;
+  }
+  return count >= GET_PAIR_MIN_SIZE;
 }

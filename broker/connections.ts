@@ -13,18 +13,20 @@
  * @module
  */
 
-import type { Mode } from "../client/protocol.ts";
+import { MESSAGE_SIZE, type Mode } from "../client/protocol.ts";
 import { Reactor, type Registrant } from "../ffi/reactor.ts";
 import { closeDescriptor, peerCredentials, peerUid } from "../ffi/socket.ts";
 import type { PeerCredentials } from "../ffi/structs.ts";
+import type { Registration } from "./listeners.ts";
 import { Waiting } from "./matcher.ts";
 
 // Where a connection is in its life, and so which of the table's lists it is on:
 // closed, or open and on none (its request is being read for the first time);
-// still sending its request after its first read; filed in the matcher.
+// still sending its request after its first read; filed in the matcher; a listener.
 const ON_NO_LIST = 0;
 const HANDSHAKING = 1;
 const WAITING = 2;
+const LISTENING = 3;
 
 /**
  * One client connection, from accept to close. It is its own reactor
@@ -47,6 +49,22 @@ export class Connection extends Waiting implements Registrant {
   received = 0;
   /** Holds a request that arrived in pieces; most arrive whole and never need it. */
   frame: Uint8Array | undefined = undefined;
+  /** The protocol version of its request: 1 until its first bytes say 2. */
+  version: 1 | 2 = 1;
+  /** Bytes its request takes: v1's fixed size, until a v2 header gives the length. */
+  expected: number = MESSAGE_SIZE;
+  /** Its request's socket type (wire value: 0 stream, 1 seqpacket, 2 dgram). */
+  socketType = 0;
+  /** Whether its (v2) request asked for the partner's pidfd. */
+  wantsPidfd = false;
+  /**
+   * Whether it is told why it is closed (`REFUSED`): a v2 client once its
+   * request proved valid. Before that, as in v1, a malformed request is closed
+   * without a word.
+   */
+  hearsReasons = false;
+  /** Its registration, once it is a listener. */
+  registration: Registration | undefined = undefined;
   /** Its uid's account, while it counts there (as incomplete or waiting). */
   account: UidAccount | undefined = undefined;
   /** What it counts as in its account, if anything. */
@@ -80,6 +98,12 @@ export class Connection extends Waiting implements Registrant {
     this.since = now;
     this.received = 0;
     this.frame = undefined;
+    this.version = 1;
+    this.expected = MESSAGE_SIZE;
+    this.socketType = 0;
+    this.wantsPidfd = false;
+    this.hearsReasons = false;
+    this.registration = undefined;
     this.#peer = undefined;
     this.#uid = undefined;
   }
@@ -114,8 +138,11 @@ export class Connection extends Waiting implements Registrant {
 class StageList {
   oldest: Connection | undefined = undefined;
   newest: Connection | undefined = undefined;
+  /** Connections on it. */
+  size = 0;
 
   append(connection: Connection): void {
+    this.size++;
     connection.previousInStage = this.newest;
     connection.nextInStage = undefined;
     if (this.newest !== undefined) this.newest.nextInStage = connection;
@@ -124,6 +151,7 @@ class StageList {
   }
 
   remove(connection: Connection): void {
+    this.size--;
     const previous = connection.previousInStage, next = connection.nextInStage;
     if (previous !== undefined) previous.nextInStage = next;
     else this.oldest = next;
@@ -180,6 +208,8 @@ export class ConnectionTable {
   readonly handshaking: StageList = new StageList();
   /** Connections waiting for a partner, in the order they started waiting. */
   readonly waiting: StageList = new StageList();
+  /** Listeners, in the order they registered. */
+  readonly listening: StageList = new StageList();
   /** Connection objects by descriptor number, open ones and spares. */
   readonly #byFd: (Connection | undefined)[] = [];
   #oldestOpen: Connection | undefined = undefined;
@@ -250,6 +280,7 @@ export class ConnectionTable {
       // Getting full: count every waiting client from now on, and those waiting already.
       this.#countingWaiting = true;
       for (const waiting of this.waiting) this.#countWaiting(waiting);
+      for (const listener of this.listening) this.#countWaiting(listener);
     }
     return connection;
   }
@@ -297,6 +328,17 @@ export class ConnectionTable {
     if (this.#countingWaiting) this.#countWaiting(connection);
   }
 
+  /**
+   * `connection` is a listener now, with its registration set: it holds a
+   * place of its uid's like a waiting client, without a pair deadline.
+   */
+  startListening(connection: Connection, now: number): void {
+    connection.since = now;
+    connection.stage = LISTENING;
+    this.listening.append(connection);
+    if (this.#countingWaiting) this.#countWaiting(connection);
+  }
+
   #countWaiting(connection: Connection): void {
     if (connection.countedAs !== undefined) return;
     this.#recount(this.#hold(connection, "waiting"), 0, 1);
@@ -325,14 +367,15 @@ export class ConnectionTable {
     this.#size--;
     this.endHandshake(connection);
     connection.stopWaiting();
-    if (connection.stage === WAITING) {
+    if (connection.stage === WAITING || connection.stage === LISTENING) {
+      (connection.stage === WAITING ? this.waiting : this.listening).remove(connection);
       connection.stage = ON_NO_LIST;
-      this.waiting.remove(connection);
       this.#uncountWaiting(connection);
     }
     if (this.#countingWaiting && this.#size < this.#countWaitingFrom / 2) {
       this.#countingWaiting = false;
       for (const waiting of this.waiting) this.#uncountWaiting(waiting);
+      for (const listener of this.listening) this.#uncountWaiting(listener);
     }
     Reactor.instance().unregister(connection, true);
     closeDescriptor(connection.fd);

@@ -29,7 +29,7 @@
  * @module
  */
 
-import type { Mode } from "../client/protocol.ts";
+import { type Mode, MODES } from "../client/protocol.ts";
 
 /**
  * The scope of a key that is not scoped: keys are matched by their bytes
@@ -93,6 +93,11 @@ export class Waiting {
     return this.keyQueue?.table.mode;
   }
 
+  /** Whether it is filed as a listener ({@link Matcher.listen}) rather than a one-shot request. */
+  get isListening(): boolean {
+    return this.keyQueue?.table.listening === true;
+  }
+
   /** The scope of the key it waits on ({@link NO_SCOPE} if none). */
   get waitingScope(): number | undefined {
     return this.keyQueue?.scope;
@@ -142,11 +147,18 @@ const MIN_KEY_CAPACITY = 64;
  */
 const MAX_SPARE_QUEUES = 1024;
 
-/** The queues of one mode, in a power-of-two array of buckets chained through the queues. */
+/**
+ * The queues of one (socket type, mode), of one-shot requests or of
+ * listeners, in a power-of-two array of buckets chained through the queues.
+ */
 class Table {
   readonly mode: Mode;
-  /** The table of the mode it pairs with: itself for `none`. */
+  /** Whether it holds listeners. */
+  readonly listening: boolean;
+  /** The one-shot requests of the mode it pairs with and the same type: itself for `none`. */
   peer: Table = this;
+  /** The listeners of the mode it pairs with and the same type (for tables of requests). */
+  peerListeners: Table = this;
   readonly spares: KeyQueue[];
   buckets: (KeyQueue | undefined)[] = emptyBuckets(MIN_BUCKETS);
   /** Its queues, i.e. distinct keys. */
@@ -154,10 +166,16 @@ class Table {
   /** Its waiters. */
   count = 0;
 
-  constructor(mode: Mode, spares: KeyQueue[]) {
+  constructor(mode: Mode, listening: boolean, spares: KeyQueue[]) {
     this.mode = mode;
+    this.listening = listening;
     this.spares = spares;
   }
+}
+
+/** The tables of one kind (requests or listeners), indexed by `type * 3 + mode`. */
+function tables(listening: boolean, spares: KeyQueue[]): Table[] {
+  return Array.from({ length: 9 }, (_, i) => new Table(MODES[i % 3], listening, spares));
 }
 
 function emptyBuckets(size: number): (KeyQueue | undefined)[] {
@@ -226,6 +244,38 @@ function sameKey(
   const key = queue.key;
   for (let i = 0; i < length; i++) if (key[i] !== bytes[offset + i]) return false;
   return true;
+}
+
+/** The queue of `table` holding exactly this key and scope, if any. */
+function find(
+  table: Table,
+  hash: number,
+  bytes: Uint8Array,
+  offset: number,
+  length: number,
+  scope: number,
+): KeyQueue | undefined {
+  let queue = table.buckets[hash & (table.buckets.length - 1)];
+  while (
+    queue !== undefined && !(queue.hash === hash && sameKey(queue, bytes, offset, length, scope))
+  ) {
+    queue = queue.chain;
+  }
+  return queue;
+}
+
+/** The head of a queue of listeners, moved to its tail: listeners on one key take turns. */
+function takeTurn(queue: KeyQueue): Waiting {
+  const head = queue.head!;
+  const next = head.newerOnKey;
+  if (next === undefined) return head;
+  next.olderOnKey = undefined;
+  queue.head = next;
+  head.newerOnKey = undefined;
+  head.olderOnKey = queue.tail;
+  queue.tail!.newerOnKey = head;
+  queue.tail = head;
+  return head;
 }
 
 /**
@@ -340,9 +390,10 @@ function randomWord(): number {
  */
 export class Matcher<T extends Waiting> {
   readonly #spares: KeyQueue[] = [];
-  readonly #none = new Table("none", this.#spares);
-  readonly #client = new Table("client", this.#spares);
-  readonly #server = new Table("server", this.#spares);
+  /** One-shot requests by `type * 3 + mode`. */
+  readonly #requests: Table[] = tables(false, this.#spares);
+  /** Listeners by `type * 3 + mode`. */
+  readonly #listeners: Table[] = tables(true, this.#spares);
   readonly #hash: KeyHash;
   #seed0 = randomWord();
   #seed1 = randomWord();
@@ -356,8 +407,22 @@ export class Matcher<T extends Waiting> {
    */
   constructor(hash: KeyHash = hashKey) {
     this.#hash = hash;
-    this.#client.peer = this.#server;
-    this.#server.peer = this.#client;
+    for (let type = 0; type < 9; type += 3) {
+      // Wire mode values: 0 none, 1 client, 2 server.
+      const [none, client, server] = this.#requests.slice(type, type + 3);
+      const [noneListeners, clientListeners, serverListeners] = this.#listeners.slice(
+        type,
+        type + 3,
+      );
+      client.peer = server;
+      server.peer = client;
+      none.peerListeners = noneListeners;
+      client.peerListeners = serverListeners;
+      server.peerListeners = clientListeners;
+      noneListeners.peer = none;
+      clientListeners.peer = server;
+      serverListeners.peer = client;
+    }
   }
 
   /**
@@ -378,22 +443,25 @@ export class Matcher<T extends Waiting> {
 
   // A switch rather than an object lookup: an untyped caller's "__proto__"
   // must not reach a table.
-  #table(mode: Mode): Table {
+  #table(kind: Table[], mode: Mode, type: number): Table {
+    if (type !== 0 && type !== 1 && type !== 2) throw new TypeError(`invalid socket type ${type}`);
     switch (mode) {
       case "none":
-        return this.#none;
+        return kind[type * 3];
       case "client":
-        return this.#client;
+        return kind[type * 3 + 1];
       case "server":
-        return this.#server;
+        return kind[type * 3 + 2];
     }
     throw new TypeError(`invalid mode ${JSON.stringify(mode)}`);
   }
 
   /**
-   * Pairs a request with the oldest compatible waiter, removing that one, or
-   * files the request's `item` as waiting behind any others with the same
-   * key, scope and mode.
+   * Pairs a request with a compatible listener (in turn, if several) or
+   * else the oldest compatible waiting request, removing that one, or files
+   * the request's `item` as waiting behind any others with the same key,
+   * scope, type and mode. A listener returned stays filed, now behind the
+   * other listeners of its key.
    *
    * @param item What waits if no partner does; it must not be waiting already.
    * @param bytes A buffer holding the request's key, e.g. the received frame; not retained.
@@ -401,7 +469,9 @@ export class Matcher<T extends Waiting> {
    * @param length The key's length in bytes.
    * @param mode The request's mode; waiters in its peer mode match.
    * @param scope The key's scope (a uid, say); default {@link NO_SCOPE}.
-   * @returns The partner, no longer waiting; or `undefined`, and `item` waits.
+   * @param type The socket type's wire value (0 stream, 1 seqpacket, 2 dgram); default 0.
+   * @returns The partner (no longer waiting, unless it is a listener); or
+   * `undefined`, and `item` waits.
    *
    * @example Usage
    * ```ts
@@ -422,17 +492,16 @@ export class Matcher<T extends Waiting> {
     length: number,
     mode: Mode,
     scope: number = NO_SCOPE,
+    type = 0,
   ): T | undefined {
     if (item.keyQueue !== undefined) throw new Error("take: this item is already waiting");
-    const own = this.#table(mode);
+    const own = this.#table(this.#requests, mode, type);
     const hash = this.#hash(bytes, offset, length, scope, this.#seed0, this.#seed1);
-    const peers = own.peer;
-    let queue = peers.buckets[hash & (peers.buckets.length - 1)];
-    while (
-      queue !== undefined && !(queue.hash === hash && sameKey(queue, bytes, offset, length, scope))
-    ) {
-      queue = queue.chain;
+    if (own.peerListeners.count > 0) {
+      const queue = find(own.peerListeners, hash, bytes, offset, length, scope);
+      if (queue !== undefined) return takeTurn(queue) as T;
     }
+    const queue = find(own.peer, hash, bytes, offset, length, scope);
     if (queue !== undefined) {
       const partner = queue.head!;
       unlink(partner);
@@ -440,6 +509,91 @@ export class Matcher<T extends Waiting> {
     }
     this.#file(own, item, bytes, offset, length, scope, hash);
     return undefined;
+  }
+
+  /**
+   * The oldest one-shot request a listener with this key, mode, scope and
+   * type would serve, removed from the table; nothing is filed if none waits.
+   *
+   * @param bytes A buffer holding the listener's key; not retained.
+   * @param offset Where in `bytes` the key starts.
+   * @param length The key's length in bytes.
+   * @param mode The listener's mode; requests in its peer mode match.
+   * @param scope The key's scope; default {@link NO_SCOPE}.
+   * @param type The socket type's wire value; default 0.
+   * @returns The request, no longer waiting, or `undefined`.
+   *
+   * @example Usage
+   * ```ts
+   * import { Matcher, Waiting } from "./matcher.ts";
+   * import assert from "node:assert/strict";
+   *
+   * const key = new Uint8Array([1, 2]);
+   * const matcher = new Matcher<Waiting>();
+   * const client = new Waiting();
+   * matcher.take(client, key, 0, 2, "client");
+   * assert.equal(matcher.takeRequest(key, 0, 2, "server"), client);
+   * assert.equal(matcher.takeRequest(key, 0, 2, "server"), undefined);
+   * ```
+   */
+  takeRequest(
+    bytes: Uint8Array,
+    offset: number,
+    length: number,
+    mode: Mode,
+    scope: number = NO_SCOPE,
+    type = 0,
+  ): T | undefined {
+    const peers = this.#table(this.#listeners, mode, type).peer;
+    const hash = this.#hash(bytes, offset, length, scope, this.#seed0, this.#seed1);
+    const queue = find(peers, hash, bytes, offset, length, scope);
+    if (queue === undefined) return undefined;
+    const request = queue.head!;
+    unlink(request);
+    return request as T;
+  }
+
+  /**
+   * Files `item` as a listener on a key: {@link take} then hands it
+   * compatible requests, in turn with the key's other listeners, until it
+   * {@link Waiting.stopWaiting stops}. Requests already waiting are not
+   * matched here: take them with {@link takeRequest} first.
+   *
+   * @param item The listener; it must not be filed already.
+   * @param bytes A buffer holding the key; not retained.
+   * @param offset Where in `bytes` the key starts.
+   * @param length The key's length in bytes.
+   * @param mode The listener's mode; requests in its peer mode match.
+   * @param scope The key's scope; default {@link NO_SCOPE}.
+   * @param type The socket type's wire value; default 0.
+   *
+   * @example Usage
+   * ```ts
+   * import { Matcher, Waiting } from "./matcher.ts";
+   * import assert from "node:assert/strict";
+   *
+   * const key = new Uint8Array([5]);
+   * const matcher = new Matcher<Waiting>();
+   * const listener = new Waiting();
+   * matcher.listen(listener, key, 0, 1, "server");
+   * assert.equal(matcher.take(new Waiting(), key, 0, 1, "client"), listener);
+   * assert.equal(matcher.take(new Waiting(), key, 0, 1, "client"), listener);
+   * assert.equal(listener.isListening, true);
+   * ```
+   */
+  listen(
+    item: T,
+    bytes: Uint8Array,
+    offset: number,
+    length: number,
+    mode: Mode,
+    scope: number = NO_SCOPE,
+    type = 0,
+  ): void {
+    if (item.keyQueue !== undefined) throw new Error("listen: this item is already filed");
+    const table = this.#table(this.#listeners, mode, type);
+    const hash = this.#hash(bytes, offset, length, scope, this.#seed0, this.#seed1);
+    this.#file(table, item, bytes, offset, length, scope, hash);
   }
 
   #file(
@@ -503,13 +657,14 @@ export class Matcher<T extends Waiting> {
     this.#reseeds++;
     const rehash = (queue: KeyQueue) =>
       this.#hash(queue.key, 0, queue.length, queue.scope, this.#seed0, this.#seed1);
-    for (const table of [this.#none, this.#client, this.#server]) {
+    for (const table of [...this.#requests, ...this.#listeners]) {
       resize(table, table.buckets.length, rehash);
     }
   }
 
   /**
-   * How many requests wait, in all modes.
+   * How many one-shot requests wait, in all modes and types (listeners not
+   * counted: see {@link listeners}).
    *
    * @example Usage
    * ```ts
@@ -520,12 +675,34 @@ export class Matcher<T extends Waiting> {
    * ```
    */
   get size(): number {
-    return this.#none.count + this.#client.count + this.#server.count;
+    let count = 0;
+    for (const table of this.#requests) count += table.count;
+    return count;
   }
 
   /**
-   * How many distinct (key, scope, mode) have waiters: an emptied key is
-   * forgotten at once.
+   * How many listeners are filed (with credit to take a request).
+   *
+   * @example Usage
+   * ```ts
+   * import { Matcher, Waiting } from "./matcher.ts";
+   * import assert from "node:assert/strict";
+   *
+   * const matcher = new Matcher<Waiting>();
+   * matcher.listen(new Waiting(), new Uint8Array([1]), 0, 1, "server");
+   * assert.equal(matcher.listeners, 1);
+   * assert.equal(matcher.size, 0);
+   * ```
+   */
+  get listeners(): number {
+    let count = 0;
+    for (const table of this.#listeners) count += table.count;
+    return count;
+  }
+
+  /**
+   * How many distinct (key, scope, type, mode) have waiting requests: an
+   * emptied key is forgotten at once.
    *
    * @example Usage
    * ```ts
@@ -541,11 +718,13 @@ export class Matcher<T extends Waiting> {
    * ```
    */
   get keys(): number {
-    return this.#none.keys + this.#client.keys + this.#server.keys;
+    let count = 0;
+    for (const table of this.#requests) count += table.keys;
+    return count;
   }
 
   /**
-   * How many requests wait in each mode.
+   * How many one-shot requests wait in each mode, all types together.
    *
    * @returns A fresh record with a count for every mode.
    *
@@ -560,6 +739,8 @@ export class Matcher<T extends Waiting> {
    * ```
    */
   countByMode(): Record<Mode, number> {
-    return { none: this.#none.count, client: this.#client.count, server: this.#server.count };
+    const counts = { none: 0, client: 0, server: 0 };
+    for (const table of this.#requests) counts[table.mode] += table.count;
+    return counts;
   }
 }

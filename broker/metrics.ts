@@ -59,6 +59,8 @@ export class BrokerMetrics {
   accepted = 0;
   /** Pairs delivered. */
   paired = 0;
+  /** Pairs delivered to listeners (counted in `paired` too). */
+  listenerDeliveries = 0;
   /** Times accepting paused, out of descriptors or memory (one per retry interval). */
   acceptPauses = 0;
   /** Episodes of not accepting, out of descriptors or memory (each logged once). */

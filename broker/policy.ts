@@ -15,7 +15,12 @@
  * uids = [0]                   # uids and/or gids; neither means anyone
  * gids = [107]
  * cross_uid = true             # with --isolate-uids: may pair across uids
+ * listen = true                # also covers v2 listeners (by default a rule does not)
  * ```
+ *
+ * Listening (protocol v2) claims every client of a key, so a rule covers
+ * `LISTEN` requests only when it says `listen = true`; without such a rule
+ * matching, a listener is denied.
  *
  * The same structure in JSON: `{ "rules": [{ "action": "allow", … }] }`.
  * Principals are the peer's uid and primary gid from `SO_PEERCRED`.
@@ -50,6 +55,8 @@ export interface PolicyRule {
   gids?: number[];
   /** With `--isolate-uids`: matching keys may pair across uids. */
   cross_uid?: boolean;
+  /** Whether it also covers listeners (protocol v2 `LISTEN`); default false. */
+  listen?: boolean;
 }
 
 /** A policy file that cannot be used, with the file and the rule at fault. */
@@ -72,6 +79,7 @@ interface CompiledRule {
   uids?: ReadonlySet<number>;
   gids?: ReadonlySet<number>;
   crossUid: boolean;
+  listen: boolean;
   description: string;
 }
 
@@ -107,6 +115,7 @@ const RULE_FIELDS = new Set([
   "uids",
   "gids",
   "cross_uid",
+  "listen",
 ]);
 
 function compileRule(rule: unknown, where: string): CompiledRule {
@@ -117,7 +126,7 @@ function compileRule(rule: unknown, where: string): CompiledRule {
   for (const name of Object.keys(fields)) {
     if (!RULE_FIELDS.has(name)) throw new PolicyError(`${where}: unknown field "${name}"`);
   }
-  const { action, key, prefix, glob, modes, uids, gids, cross_uid: crossUid } = fields;
+  const { action, key, prefix, glob, modes, uids, gids, cross_uid: crossUid, listen } = fields;
   if (action !== "allow" && action !== "deny") {
     throw new PolicyError(`${where}: action must be "allow" or "deny"`);
   }
@@ -135,6 +144,7 @@ function compileRule(rule: unknown, where: string): CompiledRule {
     uids: idSet(uids, "uids", where),
     gids: idSet(gids, "gids", where),
     crossUid: booleanField(crossUid, "cross_uid", where),
+    listen: booleanField(listen, "listen", where),
     description: `${where} (${action} ${kind} ${JSON.stringify(pattern)})`,
   };
 }
@@ -236,8 +246,10 @@ export class AccessPolicy {
    */
   decide(request: AccessRequest): AccessDecision {
     const { key, mode, peer: { uid, gid } } = request;
+    const listen = request.listen === true;
     for (const rule of this.#rules) {
-      // A rule needs all three to match, so the order is free: the cheap set lookups go first.
+      // A rule needs all to match, so the order is free: the cheap checks go first.
+      if (listen && !rule.listen) continue;
       if (!rule.modes.has(mode)) continue;
       const anyone = rule.uids === undefined && rule.gids === undefined;
       if (!anyone && !rule.uids?.has(uid) && !rule.gids?.has(gid)) continue;

@@ -1,0 +1,218 @@
+/**
+ * {@link Listeners}: protocol v2 listeners, servers that register a key once
+ * and get a connection for every compatible request.
+ *
+ * A listener with credit is filed in the matcher, where requests find it
+ * before any waiting partner, listeners of one key taking turns. Every
+ * delivery spends one credit; a listener out of credit leaves the matcher,
+ * so that requests for its key wait as usual, and it is served from them
+ * first when its `CREDIT` comes. A listener that stops reading thus holds at
+ * most its backlog of connections and costs nobody else anything.
+ *
+ * @module
+ */
+
+import type { Mode } from "../client/protocol.ts";
+import { CREDIT_SIZE, creditCount, ProtocolError, validateCredit } from "../client/protocol_v2.ts";
+import type { Connection, ConnectionTable } from "./connections.ts";
+import { Delivered, type Delivery } from "./delivery.ts";
+import type { Matcher } from "./matcher.ts";
+
+/** Backlog granted to a `LISTEN` that leaves it to the broker. */
+export const DEFAULT_BACKLOG = 16;
+/**
+ * Most connections in flight to one listener: each is a descriptor the
+ * kernel counts against the broker's own limit until the listener reads it.
+ */
+export const MAX_BACKLOG = 64;
+
+/** What a listener registered: its key, how it pairs and its credit. */
+export class Registration {
+  /** The key, copied out of the request. */
+  readonly key: Uint8Array;
+  /** The listener's mode: requests in its peer mode are served. */
+  readonly mode: Mode;
+  /** The socket type's wire value. */
+  readonly type: number;
+  /** The key's scope (see `Admission.scopeFor`). */
+  readonly scope: number;
+  /** Connections it may have in flight. */
+  readonly backlog: number;
+  /** Connections it may be sent now: the backlog less those not yet credited back. */
+  credit: number;
+  /** Connections delivered to it. */
+  served = 0;
+
+  constructor(key: Uint8Array, mode: Mode, type: number, scope: number, backlog: number) {
+    this.key = key;
+    this.mode = mode;
+    this.type = type;
+    this.scope = scope;
+    this.backlog = backlog;
+    this.credit = backlog;
+  }
+}
+
+/**
+ * The broker's delivery of one pair, with its counting and logging; the
+ * caller closes what the outcome leaves it.
+ */
+export type Pair = (
+  first: Connection,
+  second: Connection,
+  now: number,
+  key: Uint8Array,
+) => Delivered;
+
+/** See the module documentation. */
+export class Listeners {
+  readonly #matcher: Matcher<Connection>;
+  readonly #table: ConnectionTable;
+  readonly #delivery: Delivery;
+  readonly #pair: Pair;
+
+  constructor(
+    matcher: Matcher<Connection>,
+    table: ConnectionTable,
+    delivery: Delivery,
+    pair: Pair,
+  ) {
+    this.#matcher = matcher;
+    this.#table = table;
+    this.#delivery = delivery;
+    this.#pair = pair;
+  }
+
+  /**
+   * Registers `connection`, whose validated `LISTEN` is in `frame`: grants
+   * its backlog, says so in a `HELLO`, serves the requests already waiting
+   * and files it. Returns false if the `HELLO` could not be sent (the
+   * connection is closed then).
+   */
+  register(
+    connection: Connection,
+    frame: Uint8Array,
+    keyOffset: number,
+    keyLength: number,
+    mode: Mode,
+    scope: number,
+    requestedBacklog: number,
+    now: number,
+  ): boolean {
+    const backlog = requestedBacklog === 0
+      ? DEFAULT_BACKLOG
+      : Math.min(requestedBacklog, MAX_BACKLOG);
+    const key = frame.slice(keyOffset, keyOffset + keyLength);
+    connection.registration = new Registration(key, mode, connection.socketType, scope, backlog);
+    connection.received = 0; // from now on, bytes of the CREDIT being read
+    if (!this.#delivery.sendHello(connection, backlog)) {
+      this.#table.close(connection);
+      return false;
+    }
+    this.#table.startListening(connection, now);
+    this.#serveWaiting(connection, now);
+    return true;
+  }
+
+  /**
+   * Hands `newcomer` to `listener`, which the matcher just returned for it.
+   * Returns false when the listener turned out to be gone (it is closed
+   * then), so that the newcomer can be matched again.
+   */
+  serve(listener: Connection, newcomer: Connection, now: number): boolean {
+    const registration = listener.registration!;
+    const outcome = this.#pair(listener, newcomer, now, registration.key);
+    if (outcome === Delivered.PartnerGone) {
+      this.#table.close(listener);
+      return false;
+    }
+    this.#table.close(newcomer);
+    this.#settle(listener, outcome);
+    return true;
+  }
+
+  /**
+   * After a delivery to `listener` (closed or not): spends its credit if it
+   * got its end, closes it if sending to it failed. Returns whether it is
+   * still open.
+   */
+  #settle(listener: Connection, outcome: Delivered): boolean {
+    const failed = outcome === Delivered.Failed ? this.#delivery.failedSide : undefined;
+    if (failed === listener) {
+      this.#table.close(listener);
+      return false;
+    }
+    // Failed on the other side: the listener got its end, which sees end of stream at once.
+    if (outcome === Delivered.Paired || failed !== undefined) this.#spend(listener);
+    return true;
+  }
+
+  /**
+   * Reads what a listener sent after its `LISTEN`: `CREDIT`s, framed in
+   * `connection.frame`. Returns the protocol error to close it with, if any.
+   */
+  receive(
+    connection: Connection,
+    bytes: Uint8Array,
+    count: number,
+    now: number,
+  ): ProtocolError | undefined {
+    const frame = connection.frame ??= new Uint8Array(CREDIT_SIZE);
+    let at = 0;
+    while (at < count) {
+      const take = Math.min(CREDIT_SIZE - connection.received, count - at);
+      frame.set(bytes.subarray(at, at + take), connection.received);
+      connection.received += take;
+      at += take;
+      if (connection.received < CREDIT_SIZE) return undefined;
+      connection.received = 0;
+      const error = validateCredit(frame) ?? this.#credit(connection, creditCount(frame), now);
+      if (error !== undefined) return error;
+    }
+    return undefined;
+  }
+
+  #credit(connection: Connection, count: number, now: number): ProtocolError | undefined {
+    const registration = connection.registration!;
+    const outstanding = registration.backlog - registration.credit;
+    if (count > outstanding) {
+      return new ProtocolError(
+        "CREDIT",
+        "count",
+        count,
+        `must be at most the ${outstanding} connections delivered and not yet credited`,
+      );
+    }
+    const wasOut = registration.credit === 0;
+    registration.credit += count;
+    if (wasOut) this.#serveWaiting(connection, now);
+    return undefined;
+  }
+
+  /** Serves the requests waiting for the listener's key while it has credit, then files it. */
+  #serveWaiting(listener: Connection, now: number): void {
+    const registration = listener.registration!;
+    const { key, mode, scope, type } = registration;
+    while (registration.credit > 0) {
+      const request = this.#matcher.takeRequest(key, 0, key.length, mode, scope, type);
+      if (request === undefined) break;
+      // The request may have left long ago: it is sent its end first.
+      const outcome = this.#pair(request, listener, now, key);
+      this.#table.close(request);
+      if (outcome === Delivered.PartnerGone) continue;
+      if (!this.#settle(listener, outcome)) return;
+      // No pair could be made (out of descriptors, say): the next request would fare no better.
+      if (outcome === Delivered.Failed && this.#delivery.failedSide === undefined) break;
+    }
+    if (registration.credit > 0 && !listener.isWaiting) {
+      this.#matcher.listen(listener, key, 0, key.length, mode, scope, type);
+    }
+  }
+
+  /** One connection sent: out of credit, the listener leaves the matcher until it credits back. */
+  #spend(listener: Connection): void {
+    const registration = listener.registration!;
+    registration.served++;
+    if (--registration.credit === 0) listener.stopWaiting();
+  }
+}
