@@ -1,12 +1,13 @@
 /**
- * Throws random and mutated requests at a running broker for a bounded time,
- * while well-formed clients keep pairing through it. Set FUZZ_SEED to replay
+ * Throws random and mutated requests, v1 and v2, at a running broker for a
+ * bounded time, while well-formed clients keep pairing through it. Set FUZZ_SEED to replay
  * a run and FUZZ_MS to run longer.
  */
 
 import assert from "node:assert/strict";
 import { getPair } from "../client/pair.ts";
 import { encodeGetPair, type Mode } from "../client/protocol.ts";
+import { encodeCredit, encodeRequest, SOCKET_TYPES } from "../client/protocol_v2.ts";
 import { closeDescriptor, createSocketPair } from "../ffi/socket.ts";
 import { countOpenDescriptors, eventually, RawClient, withBroker } from "./helpers.ts";
 
@@ -104,7 +105,56 @@ const ATTACKS: ((random: Random) => Attack)[] = [
     }
     return { name: "bit flips in the header", chunks: [frame], mustBeClosed: false };
   },
+  (random) => {
+    const frame = validV2Frame(random);
+    const view = new DataView(frame.buffer);
+    // Each v2 field set to a value the protocol forbids.
+    random.pick([
+      () => view.setUint32(0, random.pick([0, 2, 4, 5, 6, 0xffffffff]), true),
+      () => view.setUint32(4, random.pick([0x12, 0x22, 0x80000002]), true),
+      () => view.setUint32(8, random.pick([0, 12, 1037, 0xffffffff]), true),
+      () => view.setUint16(12, 3 + random.below(0xfffd), true),
+      () => view.setUint16(14, 3 + random.below(0xfffd), true),
+      () => view.setUint32(16, 2 << random.below(30), true),
+      () => view.setUint16(20, random.pick([0, frame.length - 23, 1025, 0xffff]), true),
+    ])();
+    return { name: "v2 field out of range", chunks: fragments(random, frame), mustBeClosed: true };
+  },
+  (random) => ({
+    name: "v2 request, then more",
+    chunks: [new Uint8Array([...validV2Frame(random), ...random.bytes(1 + random.below(64))])],
+    mustBeClosed: false, // it may pair first; either way it ends
+  }),
+  (random) => ({
+    name: "v2 truncated",
+    chunks: [validV2Frame(random).subarray(0, random.below(24))],
+    mustBeClosed: false,
+  }),
+  (random) => {
+    // A listener on a random key that then sends garbage or too much credit.
+    const listen = encodeRequest("listen", random.bytes(1 + random.below(32)), {
+      mode: random.pick(MODES),
+      backlog: random.below(100),
+    });
+    const after = random.pick([
+      () => random.bytes(1 + random.below(64)),
+      () => encodeCredit(1 + random.below(65535)),
+      () => encodeRequest("get_pair", "again"),
+    ])();
+    return { name: "v2 listener misbehaving", chunks: [listen, after], mustBeClosed: false };
+  },
 ];
+
+function validV2Frame(random: Random): Uint8Array {
+  const key = random.bytes(1 + random.below(random.pick([8, 64, 1024])));
+  const listen = random.below(4) === 0;
+  return encodeRequest(listen ? "listen" : "get_pair", key, {
+    mode: random.pick(MODES),
+    type: random.pick(SOCKET_TYPES),
+    pidfd: random.below(2) === 0,
+    backlog: listen ? random.below(100) : 0,
+  });
+}
 
 async function attack(path: string, random: Random): Promise<void> {
   const { name, chunks, attachDescriptor, mustBeClosed } = random.pick(ATTACKS)(random);
