@@ -37,11 +37,15 @@ export interface AdmissionOptions {
   maxConnections?: number;
   maxWaitingPerUid?: number;
   maxIncompletePerUid?: number;
+  maxListenersPerUid?: number;
   uidLimits?: ReadonlyMap<number, UidLimits>;
 }
 
 /** Default most connections of one uid still sending their request. */
 export const DEFAULT_MAX_INCOMPLETE_PER_UID = 64;
+
+/** Default most listeners of one uid. */
+export const DEFAULT_MAX_LISTENERS_PER_UID = 16;
 
 /** The scope of keys a policy lets pair across uids: `(uid_t)-1` is nobody's uid (and not NO_SCOPE). */
 const CROSS_UID_SCOPE = 0xffffffff;
@@ -128,6 +132,20 @@ export class Admission {
     const waiting = this.#table.account(uid)?.waiting ?? 0;
     if (waiting < limit) return undefined;
     return { reason: "uid_limit", detail: `uid ${uid} already has ${waiting} clients waiting` };
+  }
+
+  /**
+   * Why `connection` may not register as a listener, if it may not: its uid
+   * has `maxListenersPerUid` already. A walk over the listeners, which are
+   * few and register rarely.
+   */
+  refuseListening(connection: Connection): Refusal | undefined {
+    const limit = this.#options.maxListenersPerUid ?? DEFAULT_MAX_LISTENERS_PER_UID;
+    const uid = connection.uid;
+    let held = 0;
+    for (const listener of this.#table.listening) if (listener.uid === uid) held++;
+    if (held < limit) return undefined;
+    return { reason: "listener_limit", detail: `uid ${uid} already has ${held} listeners` };
   }
 
   /**

@@ -124,6 +124,12 @@ export interface BrokerOptions {
    * silent connections can hold.
    */
   maxIncompletePerUid?: number;
+  /**
+   * Most listeners (protocol v2) of one uid at once; default 16. Each may
+   * hold up to 64 descriptors in flight, which the kernel counts against the
+   * broker's own limit until the listener reads them.
+   */
+  maxListenersPerUid?: number;
   /** Limits for single uids, overriding `maxWaitingPerUid` and `maxIncompletePerUid`. */
   uidLimits?: ReadonlyMap<number, UidLimits>;
   /** Pair only clients of the same uid, unless the authorizer allows a key across uids. */
@@ -658,7 +664,8 @@ export class Broker implements AsyncDisposable {
     const scope = this.#admission.scopeFor(connection, frame, keyOffset, keyLength, mode, listen);
     if (typeof scope !== "number") return this.#refuse(connection, scope);
     if (!listen) return this.#pairOrWait(connection, frame, keyOffset, keyLength, mode, scope, now);
-    const refusal = this.#admission.refuseWaiting(connection);
+    const refusal = this.#admission.refuseWaiting(connection) ??
+      this.#admission.refuseListening(connection);
     if (refusal !== undefined) return this.#refuse(connection, refusal);
     now ??= performance.now();
     if (

@@ -83,6 +83,7 @@ Options:
   --max-waiting-per-uid N  most clients of one uid waiting at once (default: no limit)
   --max-incomplete-per-uid N  most connections of one uid still sending their
                        request (default 64); more are closed as they come
+  --max-listeners-per-uid N  most protocol v2 listeners of one uid (default 16)
   --uid-limit UID:WAITING[:INCOMPLETE]  the two limits above for one uid
                        (WAITING may be "unlimited"); repeat for more uids.
                        When full, whoever else comes closes the oldest
@@ -220,6 +221,7 @@ export function runBroker(args: string[]): Promise<number> {
       "handshake-timeout": { type: "string", default: "5" },
       "pair-timeout": { type: "string" },
       "max-waiting-per-uid": { type: "string" },
+      "max-listeners-per-uid": { type: "string" },
       "max-incomplete-per-uid": { type: "string" },
       "uid-limit": { type: "string", multiple: true },
       "isolate-uids": { type: "boolean", default: false },
@@ -263,6 +265,10 @@ export function runBroker(args: string[]): Promise<number> {
     const maxIncompletePerUid = incomplete === undefined
       ? undefined
       : count("--max-incomplete-per-uid", incomplete);
+    const listeners = values["max-listeners-per-uid"];
+    const maxListenersPerUid = listeners === undefined
+      ? undefined
+      : count("--max-listeners-per-uid", listeners);
     const uidLimits = values["uid-limit"] === undefined
       ? undefined
       : new Map(values["uid-limit"].map(parseUidLimit));
@@ -313,6 +319,7 @@ export function runBroker(args: string[]): Promise<number> {
         pairTimeoutMs,
         maxWaitingPerUid,
         maxIncompletePerUid,
+        maxListenersPerUid,
         uidLimits,
         isolateUids: values["isolate-uids"],
         authorize: policy?.authorize,

@@ -51,7 +51,8 @@ export type DropReason =
   | "shed"
   | "delivery_failed"
   | "policy"
-  | "kicked";
+  | "kicked"
+  | "listener_limit";
 
 /** Everything the broker counts. */
 export class BrokerMetrics {

@@ -338,3 +338,20 @@ Deno.test("v2 SET_PAIR decodes with the codec the client uses", () =>
     message!.descriptors.forEach(closeDescriptor);
     (await expectSetPair(a)).descriptors.forEach(closeDescriptor);
   }));
+
+Deno.test("v2: one uid holds at most maxListenersPerUid listeners; the next hears listener_limit", () =>
+  withBroker(async (broker, path) => {
+    const listeners: RawClient[] = [];
+    for (let i = 0; i < 3; i++) {
+      listeners.push(await request(path, "listen", `limit-${i}`));
+      assert.equal((await reply(listeners[i])).reply.request, "hello");
+    }
+    using fourth = await request(path, "listen", "limit-3");
+    assert.equal(decodeRefused((await readMessage(fourth))!.bytes), "listener_limit");
+    assert.equal(broker.metrics.dropped.listener_limit, 1);
+    listeners.pop()![Symbol.dispose]();
+    await eventually(() => broker.stats.listeners === 2, "a place to free");
+    using again = await request(path, "listen", "limit-3");
+    assert.equal((await reply(again)).reply.request, "hello");
+    listeners.forEach((listener) => listener[Symbol.dispose]());
+  }, { maxListenersPerUid: 3 }));
