@@ -1,10 +1,15 @@
 /**
  * The broker's waiting table: clients that sent a `GET_PAIR` and wait for a
- * partner with the same key and a compatible mode.
+ * partner with the same key, a compatible mode and the same socket type, and
+ * protocol v2 listeners, which serve every compatible request for their key.
  *
  * Every operation takes constant time however many clients wait (the C
  * broker scans them all), waiters with the same key and mode are served
- * oldest first, and a waiter that disconnects is removed in constant time.
+ * oldest first, listeners on one key in turn (before any waiter), and a
+ * waiter that disconnects is removed in constant time. There is one table
+ * per (type, mode) for requests and one for listeners: a request looks for
+ * a listener only while one is filed in its peer table, so brokers without
+ * listeners pay one property read for them.
  *
  * It allocates nothing per pairing: what waits is the caller's own object (a
  * {@link Waiting}, which the broker's connections extend), linked in place;
