@@ -502,7 +502,8 @@ export class Broker implements AsyncDisposable {
     // one that pairs at once never costs an epoll registration, an event or a uid's account.
     this.#onReadable(connection, now);
     if (!connection.isOpen) return;
-    if (!connection.isWaiting) {
+    // A listener out of credit is not filed in the matcher, yet it has made its request.
+    if (!connection.isWaiting && connection.registration === undefined) {
       const refusal = this.#admission.refuseIncomplete(connection);
       if (refusal !== undefined) return this.#refuse(connection, refusal);
       this.#table.startHandshake(connection);

@@ -355,3 +355,20 @@ Deno.test("v2: one uid holds at most maxListenersPerUid listeners; the next hear
     assert.equal((await reply(again)).reply.request, "hello");
     listeners.forEach((listener) => listener[Symbol.dispose]());
   }, { maxListenersPerUid: 3 }));
+
+Deno.test("v2: a listener spent by waiting clients at its registration is no handshake to time out", () =>
+  withBroker(async (broker, path) => {
+    using waiting = await request(path, "get_pair", "spent", { mode: "client" });
+    await reply(waiting);
+    using listener = await request(path, "listen", "spent", { mode: "server", backlog: 1 });
+    await readMessage(listener); // HELLO
+    (await expectSetPair(listener)).descriptors.forEach(closeDescriptor);
+    (await expectSetPair(waiting)).descriptors.forEach(closeDescriptor);
+    await new Promise((resolve) => setTimeout(resolve, 1500)); // past the 1 s handshake timeout
+    assert.equal(broker.stats.listeners, 1, "still registered");
+    assert.equal(broker.metrics.dropped.handshake_timeout, undefined);
+    listener.send(encodeCredit(1));
+    using client = await request(path, "get_pair", "spent", { mode: "client" });
+    (await expectSetPair(client)).descriptors.forEach(closeDescriptor);
+    (await expectSetPair(listener)).descriptors.forEach(closeDescriptor);
+  }, { handshakeTimeoutMs: 1000 }));
