@@ -5,7 +5,8 @@
  *
  * - `GET /status`: version, uptime, socket paths, counters
  * - `GET /clients?limit=N&after=ID`: one page of the clients waiting for a partner
- * - `DELETE /clients/ID`: disconnect one client
+ * - `GET /listeners?limit=N&after=ID`: one page of the registered listeners (protocol v2)
+ * - `DELETE /clients/ID`: disconnect one connection, waiting client or listener
  * - `GET /metrics`: Prometheus text format
  *
  * Errors are JSON `{"error": "..."}` with a 4xx or 5xx status. Every answer
@@ -20,8 +21,9 @@ import type http from "node:http";
 import { getLogger } from "npm:@logtape/logtape@^2.4.2";
 import denoConfig from "../deno.json" with { type: "json" };
 import { describeKey, type Mode } from "../client/protocol.ts";
+import type { SocketType } from "../client/protocol_v2.ts";
 import { countOpenDescriptors, descriptorLimit } from "../ffi/process.ts";
-import { type Broker, MAX_LISTING_PAGE } from "./broker.ts";
+import { type Broker, type ListingPage, MAX_LISTING_PAGE } from "./broker.ts";
 import { sendJson, UnixHttpServer } from "./control_server.ts";
 import { PROMETHEUS_CONTENT_TYPE, renderPrometheus } from "./prometheus.ts";
 
@@ -31,17 +33,21 @@ const logger = getLogger(["one-socket", "control"]);
 export const DEFAULT_CONTROL_CONNECTIONS = 16;
 /** Milliseconds a control connection may stay open, unless {@link ControlOptions} says otherwise. */
 export const DEFAULT_CONTROL_TIMEOUT_MS = 10_000;
-/** Clients in a `GET /clients` page when the request gives no `limit`. */
+/** Entries in a `GET /clients` or `GET /listeners` page when the request gives no `limit`. */
 export const DEFAULT_CLIENTS_PAGE = 100;
 /**
- * Bytes a `GET /clients` page stops at, whatever its `limit`: a thousand
- * clients with 1024-byte keys would be 2.8 MB and 30 ms of the broker's loop;
- * 64 KiB (about 300 clients with short keys, 20 with the longest) is 1 to 2 ms,
- * little enough that sixteen connections asking at once cannot hold up pairing.
+ * Bytes a `GET /clients` or `GET /listeners` page stops at, whatever its
+ * `limit`: a thousand clients with 1024-byte keys would be 2.8 MB and 30 ms of
+ * the broker's loop; 64 KiB (about 200 entries with short keys, 6 with the
+ * longest, every byte escaped) is 1 to 2 ms, little enough that sixteen
+ * connections asking at once cannot hold up pairing.
  */
 const MAX_CLIENTS_PAGE_BYTES = 64 * 1024;
-/** One client's answer without its key, and more: ids, mode, times, credentials, names. */
-const CLIENT_ENTRY_BYTES = 256;
+/**
+ * One entry's answer without its key, and more: ids, mode, type, counts,
+ * times, credentials, names.
+ */
+const CLIENT_ENTRY_BYTES = 320;
 
 /** Where and within which limits {@link serveControl} serves. */
 export interface ControlOptions {
@@ -86,11 +92,21 @@ export interface ControlStatus {
   control: string;
   /** Counters, since start (`...Total`) or now. */
   counts: {
+    /** Clients waiting for a partner. */
     waiting: number;
+    /** The same, by mode. */
     waitingByMode: Record<Mode, number>;
+    /** Listeners registered (protocol v2). */
+    listeners: number;
+    /** Pairs delivered. */
     pairedTotal: number;
+    /** Pairs delivered to listeners (counted in `pairedTotal` too). */
+    listenerDeliveriesTotal: number;
+    /** Connections closed for breaking the protocol. */
     rejectedTotal: number;
+    /** Connections accepted. */
     acceptedTotal: number;
+    /** Client connections open (waiting, listening or still sending their request). */
     connectionsOpen: number;
   };
 }
@@ -105,6 +121,10 @@ export interface ControlClient {
   keyHex: string;
   /** The requested mode. */
   mode: Mode;
+  /** The socket type it asked for (`stream` for protocol v1). */
+  type: SocketType;
+  /** The protocol version it spoke. */
+  version: 1 | 2;
   /** When it started waiting (ISO 8601). */
   since: string;
   /** Seconds it has waited. */
@@ -124,6 +144,47 @@ export interface ControlClientsPage {
    * `limit`, and fewer when a page reaches about 64 KiB.
    */
   clients: ControlClient[];
+  /** When more may follow: pass it as `after` for the next page. */
+  next?: number;
+}
+
+/** One registered listener (protocol v2) in a {@link ControlListenersPage}. */
+export interface ControlListener {
+  /** The id `DELETE /clients/ID` takes. */
+  id: number;
+  /** The key, printable: as in the broker's log, non-printable bytes as `\xNN`. */
+  key: string;
+  /** The key's bytes in hexadecimal, exactly. */
+  keyHex: string;
+  /** Its mode: requests in the peer mode are served. */
+  mode: Mode;
+  /** The socket type it serves. */
+  type: SocketType;
+  /** Connections it may have in flight (as granted in its `HELLO`). */
+  backlog: number;
+  /** Connections delivered to it and not yet credited back. */
+  inFlight: number;
+  /** Connections delivered to it since it registered. */
+  served: number;
+  /** When it registered (ISO 8601). */
+  since: string;
+  /** Seconds since it registered. */
+  listeningSeconds: number;
+  /** Its process id as of its `connect`. */
+  pid: number;
+  /** Its user id. */
+  uid: number;
+  /** Its group id. */
+  gid: number;
+}
+
+/** The body of `GET /listeners`: one page, by ascending id. */
+export interface ControlListenersPage {
+  /**
+   * Listeners with ids above the request's `after`: at most its `limit`,
+   * and fewer when a page reaches about 64 KiB.
+   */
+  listeners: ControlListener[];
   /** When more may follow: pass it as `after` for the next page. */
   next?: number;
 }
@@ -161,7 +222,9 @@ function status(broker: Broker, control: string): Answer {
     counts: {
       waiting: stats.waiting,
       waitingByMode: broker.waitingByMode(),
+      listeners: stats.listeners,
       pairedTotal: stats.paired,
+      listenerDeliveriesTotal: broker.metrics.listenerDeliveries,
       rejectedTotal: stats.rejected,
       acceptedTotal: stats.accepted,
       connectionsOpen: stats.open,
@@ -196,32 +259,67 @@ function listingPage(query: URLSearchParams): { limit: number; after: number } {
   return page;
 }
 
-function clients(broker: Broker, query: URLSearchParams): Answer {
+/**
+ * One page of `list`'s entries as `toEntry` answers them, up to the query's
+ * `limit` and about {@link MAX_CLIENTS_PAGE_BYTES}; `next` when more may follow.
+ */
+function pageOf<T extends { id: number }, E extends { id: number; key: string; keyHex: string }>(
+  query: URLSearchParams,
+  list: (page: ListingPage) => T[],
+  toEntry: (item: T, now: number) => E,
+): { entries: E[]; next?: number } {
   const page = listingPage(query);
   const now = Date.now();
-  const listed: ControlClient[] = [];
+  const entries: E[] = [];
   let bytes = 0;
-  for (const client of broker.waitingClients(page)) {
-    const entry: ControlClient = {
-      id: client.id,
-      key: describeKey(client.key),
-      keyHex: client.key.toHex(),
-      mode: client.mode,
-      since: client.since.toISOString(),
-      waitingSeconds: (now - client.since.getTime()) / 1000,
-      pid: client.peer.pid,
-      uid: client.peer.uid,
-      gid: client.peer.gid,
-    };
-    listed.push(entry);
+  for (const item of list(page)) {
+    const entry = toEntry(item, now);
+    entries.push(entry);
     // An upper bound: JSON may escape every character of the printable key.
     bytes += CLIENT_ENTRY_BYTES + 2 * entry.key.length + entry.keyHex.length;
     if (bytes >= MAX_CLIENTS_PAGE_BYTES) break;
   }
-  const body: ControlClientsPage = { clients: listed };
-  if (listed.length === page.limit || bytes >= MAX_CLIENTS_PAGE_BYTES) {
-    body.next = listed[listed.length - 1].id;
-  }
+  const full = entries.length === page.limit || bytes >= MAX_CLIENTS_PAGE_BYTES;
+  return full ? { entries, next: entries[entries.length - 1].id } : { entries };
+}
+
+function clients(broker: Broker, query: URLSearchParams): Answer {
+  const { entries, next } = pageOf(query, (page) => broker.waitingClients(page), (client, now) => ({
+    id: client.id,
+    key: describeKey(client.key),
+    keyHex: client.key.toHex(),
+    mode: client.mode,
+    type: client.type,
+    version: client.version,
+    since: client.since.toISOString(),
+    waitingSeconds: (now - client.since.getTime()) / 1000,
+    pid: client.peer.pid,
+    uid: client.peer.uid,
+    gid: client.peer.gid,
+  } satisfies ControlClient));
+  const body: ControlClientsPage = { clients: entries };
+  if (next !== undefined) body.next = next;
+  return { status: 200, body };
+}
+
+function listeners(broker: Broker, query: URLSearchParams): Answer {
+  const { entries, next } = pageOf(query, (page) => broker.listeners(page), (listener, now) => ({
+    id: listener.id,
+    key: describeKey(listener.key),
+    keyHex: listener.key.toHex(),
+    mode: listener.mode,
+    type: listener.type,
+    backlog: listener.backlog,
+    inFlight: listener.inFlight,
+    served: listener.served,
+    since: listener.since.toISOString(),
+    listeningSeconds: (now - listener.since.getTime()) / 1000,
+    pid: listener.peer.pid,
+    uid: listener.peer.uid,
+    gid: listener.peer.gid,
+  } satisfies ControlListener));
+  const body: ControlListenersPage = { listeners: entries };
+  if (next !== undefined) body.next = next;
   return { status: 200, body };
 }
 
@@ -238,12 +336,14 @@ function metrics(broker: Broker): Answer {
   const text = renderPrometheus({
     accepted: counters.accepted,
     paired: counters.paired,
+    listenerDeliveries: counters.listenerDeliveries,
     acceptPauses: counters.acceptPauses,
     descriptorExhaustions: counters.descriptorExhaustions,
     protocolErrors: counters.protocolErrors,
     dropped: counters.dropped,
     pairWait: counters.pairWait,
     waitingByMode: broker.waitingByMode(),
+    listeners: broker.stats.listeners,
     connectionsOpen: broker.stats.open,
     openDescriptors: countOpenDescriptors(),
     maxDescriptors: descriptorLimit().soft,
@@ -268,6 +368,8 @@ function resource(
       return new Map([["GET", () => status(broker, control)]]);
     case "/clients":
       return new Map([["GET", () => clients(broker, url.searchParams)]]);
+    case "/listeners":
+      return new Map([["GET", () => listeners(broker, url.searchParams)]]);
     case "/metrics":
       return new Map([["GET", () => metrics(broker)]]);
   }

@@ -11,11 +11,17 @@ import { resolveControlPath } from "../client/socket_path.ts";
 import { OsError } from "../ffi/errors.ts";
 import { connectUnix } from "../ffi/socket.ts";
 import { MAX_LISTING_PAGE } from "./broker.ts";
-import type { ControlClient, ControlClientsPage, ControlStatus } from "./control.ts";
+import type {
+  ControlClient,
+  ControlClientsPage,
+  ControlListener,
+  ControlListenersPage,
+  ControlStatus,
+} from "./control.ts";
 
 /** Usage of `one-socket ctl`. */
 export const CTL_USAGE =
-  `Usage: one-socket ctl status|clients|kick ID|metrics [--control PATH] [--json]
+  `Usage: one-socket ctl status|clients|listeners|kick ID|metrics [--control PATH] [--json]
 
 Asks a running broker over its control socket (the broker serves one only
 when started with --control PATH).
@@ -23,14 +29,17 @@ when started with --control PATH).
 Commands:
   status      version, uptime, socket paths and counters
   clients     the clients waiting for a partner, oldest first (every page)
-  kick ID     disconnect client ID (an id from "clients"); it may reconnect
+  listeners   the listeners registered (protocol v2), oldest first (every page)
+  kick ID     disconnect client or listener ID (an id from "clients" or
+              "listeners"); it may reconnect
   metrics     the metrics in Prometheus text format
 
 Options:
   --control PATH  control socket; default $ONE_SOCKET_CONTROL, else the broker
                   socket path (see one-socket broker --help) plus ".control"
-  --json          print the JSON answer (status; clients: every page's clients
-                  in one {"clients": [...]}) for scripts
+  --json          print the JSON answer (status; clients, listeners: every
+                  page's entries in one {"clients": [...]} or
+                  {"listeners": [...]}) for scripts
   -h, --help      show this help`;
 
 /** Bound on one request: a script polling a wedged broker must not hang. */
@@ -96,14 +105,34 @@ class ControlApi implements Disposable {
   }
 
   /** Every waiting client, a page at a time: the cursor is followed until no `next`. */
-  async *clients(): AsyncGenerator<ControlClient[]> {
+  clients(): AsyncGenerator<ControlClient[]> {
+    return this.#pages("/clients", (page: ControlClientsPage) => page.clients);
+  }
+
+  /** Every listener, a page at a time, as {@link clients}. */
+  listeners(): AsyncGenerator<ControlListener[]> {
+    return this.#pages("/listeners", (page: ControlListenersPage) => page.listeners);
+  }
+
+  /**
+   * The pages of the listing at `resource`. The cursor must move on: a
+   * broker whose `next` does not would otherwise be asked for ever.
+   */
+  async *#pages<P extends { next?: number }, T>(
+    resource: string,
+    entries: (page: P) => T[],
+  ): AsyncGenerator<T[]> {
     let after = 0;
     for (;;) {
-      const page: ControlClientsPage = JSON.parse(
-        await this.request("GET", `/clients?limit=${MAX_LISTING_PAGE}&after=${after}`),
+      const page: P = JSON.parse(
+        await this.request("GET", `${resource}?limit=${MAX_LISTING_PAGE}&after=${after}`),
       );
-      if (page.clients.length > 0) yield page.clients;
+      const listed = entries(page);
+      if (listed.length > 0) yield listed;
       if (page.next === undefined) return;
+      if (!(page.next > after)) {
+        throw new Error(`GET ${resource}: the cursor went from ${after} to ${page.next}`);
+      }
       after = page.next;
     }
   }
@@ -141,50 +170,89 @@ function formatStatus(status: ControlStatus): string {
     ["socket", status.socket],
     ["control", status.control],
     ["waiting", `${counts.waiting} (${byMode.join(", ")})`],
+    ["listeners", String(counts.listeners)],
     ["open", `${counts.connectionsOpen} connection${counts.connectionsOpen === 1 ? "" : "s"}`],
-    ["paired", String(counts.pairedTotal)],
+    ["paired", `${counts.pairedTotal} (${counts.listenerDeliveriesTotal} to listeners)`],
     ["accepted", String(counts.acceptedTotal)],
     ["rejected", String(counts.rejectedTotal)],
   ]);
 }
 
-/** Titles of the clients table's columns. */
-const CLIENT_TITLES = ["ID", "MODE", "WAITING", "PID", "UID", "KEY"];
 /**
- * Widths of the columns before KEY: fixed, because the rows arrive a page at
- * a time and are printed as they come (a wider cell just shifts its row).
+ * A listing's table: titles, then a row's cells. The columns before the last
+ * (KEY) have fixed widths, because the rows arrive a page at a time and are
+ * printed as they come (a wider cell just shifts its row).
  */
-const CLIENT_WIDTHS = [7, 6, 7, 7, 6];
+interface Listing<T> {
+  /** The JSON member holding the entries: `clients` or `listeners`. */
+  name: string;
+  titles: string[];
+  widths: number[];
+  cells(entry: T): string[];
+  /** What is printed for an empty listing. */
+  none: string;
+}
 
-function clientRow(cells: string[]): string {
-  return cells.map((cell, i) => cell.padEnd(CLIENT_WIDTHS[i] ?? 0)).join("  ").trimEnd();
+const CLIENTS: Listing<ControlClient> = {
+  name: "clients",
+  titles: ["ID", "MODE", "TYPE", "PROTO", "WAITING", "PID", "UID", "KEY"],
+  widths: [7, 6, 9, 5, 7, 7, 6],
+  cells: (client) => [
+    String(client.id),
+    client.mode,
+    client.type,
+    `v${client.version}`,
+    formatDuration(client.waitingSeconds),
+    String(client.pid),
+    String(client.uid),
+    `"${client.key}"`,
+  ],
+  none: "no clients waiting",
+};
+
+const LISTENERS: Listing<ControlListener> = {
+  name: "listeners",
+  titles: ["ID", "MODE", "TYPE", "BACKLOG", "INFLIGHT", "SERVED", "LISTENING", "PID", "UID", "KEY"],
+  widths: [7, 6, 9, 7, 8, 8, 9, 7, 6],
+  cells: (listener) => [
+    String(listener.id),
+    listener.mode,
+    listener.type,
+    String(listener.backlog),
+    String(listener.inFlight),
+    String(listener.served),
+    formatDuration(listener.listeningSeconds),
+    String(listener.pid),
+    String(listener.uid),
+    `"${listener.key}"`,
+  ],
+  none: "no listeners",
+};
+
+function row(cells: string[], widths: number[]): string {
+  return cells.map((cell, i) => cell.padEnd(widths[i] ?? 0)).join("  ").trimEnd();
 }
 
 /**
- * Prints every waiting client, a page at a time: as a table, or as one JSON
- * document (pages on lines of their own; JSON allows the line breaks).
+ * Prints every entry of a listing, a page at a time: as a table, or as one
+ * JSON document (pages on lines of their own; JSON allows the line breaks).
  */
-async function printClients(api: ControlApi, json: boolean): Promise<void> {
+async function printListing<T>(
+  pages: AsyncIterable<T[]>,
+  listing: Listing<T>,
+  json: boolean,
+): Promise<void> {
   let printed = 0;
-  for await (const page of api.clients()) {
+  for await (const page of pages) {
     const rows = json
-      ? page.map((client) => JSON.stringify(client)).join(",")
-      : page.map((client) =>
-        clientRow([
-          String(client.id),
-          client.mode,
-          formatDuration(client.waitingSeconds),
-          String(client.pid),
-          String(client.uid),
-          `"${client.key}"`,
-        ])
-      ).join("\n");
-    const opening = json ? '{"clients":[' : clientRow(CLIENT_TITLES) + "\n";
+      ? page.map((entry) => JSON.stringify(entry)).join(",")
+      : page.map((entry) => row(listing.cells(entry), listing.widths)).join("\n");
+    const opening = json ? `{"${listing.name}":[` : row(listing.titles, listing.widths) + "\n";
     console.log((printed === 0 ? opening : json ? "," : "") + rows);
     printed += page.length;
   }
-  if (json) console.log(printed === 0 ? '{"clients":[]}' : "]}");
-  else if (printed === 0) console.log("no clients waiting");
+  if (json) console.log(printed === 0 ? `{"${listing.name}":[]}` : "]}");
+  else if (printed === 0) console.log(listing.none);
 }
 
 /** Runs `one-socket ctl` with `args`; resolves to the exit code. */
@@ -201,7 +269,7 @@ export function runCtl(args: string[]): Promise<number> {
     }
     const [command, ...operands] = positionals;
     if (command === undefined) throw new UsageError("missing command");
-    if (!["status", "clients", "kick", "metrics"].includes(command)) {
+    if (!["status", "clients", "listeners", "kick", "metrics"].includes(command)) {
       throw new UsageError(`unknown command ${command}`);
     }
     const wanted = command === "kick" ? 1 : 0;
@@ -211,7 +279,7 @@ export function runCtl(args: string[]): Promise<number> {
       );
     }
     if (values.json && (command === "kick" || command === "metrics")) {
-      throw new UsageError(`--json applies to status and clients, not ${command}`);
+      throw new UsageError(`--json applies to status, clients and listeners, not ${command}`);
     }
     using api = new ControlApi(resolveControlPath(values.control));
     switch (command) {
@@ -221,7 +289,10 @@ export function runCtl(args: string[]): Promise<number> {
         break;
       }
       case "clients":
-        await printClients(api, values.json);
+        await printListing(api.clients(), CLIENTS, values.json);
+        break;
+      case "listeners":
+        await printListing(api.listeners(), LISTENERS, values.json);
         break;
       case "kick":
         await api.request("DELETE", `/clients/${encodeURIComponent(operands[0])}`);

@@ -29,6 +29,8 @@ export interface MetricsSnapshot {
   accepted: number;
   /** Pairs delivered. */
   paired: number;
+  /** Pairs delivered to listeners (counted in `paired` too). */
+  listenerDeliveries: number;
   /** Times accepting paused because descriptors ran out. */
   acceptPauses: number;
   /** Episodes of running out of descriptors. */
@@ -41,6 +43,8 @@ export interface MetricsSnapshot {
   pairWait: HistogramData;
   /** Clients waiting now, by mode. */
   waitingByMode: Readonly<Record<Mode, number>>;
+  /** Listeners (protocol v2) registered now. */
+  listeners: number;
   /** Client connections open now. */
   connectionsOpen: number;
   /** Descriptors the process has open. */
@@ -116,6 +120,12 @@ export function renderPrometheus(snapshot: MetricsSnapshot): string {
       snapshot.accepted,
     ),
     single("one_socket_pairs_total", "counter", "Pairs delivered.", snapshot.paired),
+    single(
+      "one_socket_listener_deliveries_total",
+      "counter",
+      "Pairs delivered to listeners (protocol v2), counted in one_socket_pairs_total too.",
+      snapshot.listenerDeliveries,
+    ),
     byLabel(
       "one_socket_protocol_errors_total",
       "counter",
@@ -150,9 +160,15 @@ export function renderPrometheus(snapshot: MetricsSnapshot): string {
       snapshot.waitingByMode,
     ),
     single(
+      "one_socket_listeners",
+      "gauge",
+      "Listeners registered (protocol v2), with credit or not.",
+      snapshot.listeners,
+    ),
+    single(
       "one_socket_connections_open",
       "gauge",
-      "Client connections open (waiting or still sending their request).",
+      "Client connections open (waiting, listening or still sending their request).",
       snapshot.connectionsOpen,
     ),
     histogram(

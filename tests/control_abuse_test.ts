@@ -471,7 +471,7 @@ Deno.test("ctl clients follows the cursor and prints every page", async () => {
       const [table, json] = await Promise.all([ctl([]), ctl(["--json"])]);
       assert.equal(table.code, 0, table.stderr);
       const lines = new TextDecoder().decode(table.stdout).trimEnd().split("\n");
-      assert.match(lines[0], /^ID +MODE +WAITING +PID +UID +KEY$/);
+      assert.match(lines[0], /^ID +MODE +TYPE +PROTO +WAITING +PID +UID +KEY$/);
       assert.equal(lines.length, count + 1);
       assert.equal(json.code, 0, json.stderr);
       const { clients } = JSON.parse(new TextDecoder().decode(json.stdout));

@@ -4,12 +4,30 @@
  */
 
 import assert from "node:assert/strict";
-import type { Broker } from "../broker/broker.ts";
-import { type ControlClient, type ControlStatus, serveControl } from "../broker/control.ts";
+import type { Broker, BrokerOptions } from "../broker/broker.ts";
+import {
+  type ControlClient,
+  type ControlClientsPage,
+  type ControlListener,
+  type ControlListenersPage,
+  type ControlStatus,
+  serveControl,
+} from "../broker/control.ts";
 import { getPair } from "../client/pair.ts";
-import { encodeGetPair } from "../client/protocol.ts";
+import { encodeGetPair, MESSAGE_SIZE } from "../client/protocol.ts";
+import {
+  decodeHello,
+  decodeRefused,
+  decodeReply,
+  encodeRequest,
+  HEADER_SIZE,
+  type Reply,
+  type RequestOptions,
+} from "../client/protocol_v2.ts";
+import { Errno } from "../ffi/errors.ts";
 import { countOpenDescriptors } from "../ffi/process.ts";
-import { listenUnix } from "../ffi/socket.ts";
+import { closeDescriptor, listenUnix, receiveMessage } from "../ffi/socket.ts";
+import { MessageHeader } from "../ffi/structs.ts";
 import denoConfig from "../deno.json" with { type: "json" };
 import { eventually, RawClient, withBroker } from "./helpers.ts";
 import { parsePrometheus } from "./prometheus_text.ts";
@@ -21,12 +39,100 @@ const decoder = new TextDecoder();
 /** A broker in this process with its control API, both on temporary sockets. */
 function withControl(
   body: (broker: Broker, socket: string, http: ControlHttp) => Promise<void>,
+  options: Omit<BrokerOptions, "socket"> = {},
 ): Promise<void> {
   return withBroker(async (broker, socket) => {
     await using control = await serveControl(broker, { socket: `${socket}.control` });
     using http = new ControlHttp(control.path);
     await body(broker, socket, http);
-  });
+  }, options);
+}
+
+/** One whole v2 message from the broker, with its descriptors; `undefined` at end of stream. */
+async function readMessage(
+  raw: RawClient,
+  ms = 5000,
+): Promise<{ bytes: Uint8Array; descriptors: number[] } | undefined> {
+  const header = new MessageHeader(new Uint8Array(1100), 4);
+  const bytes: number[] = [];
+  const descriptors: number[] = [];
+  const deadline = Date.now() + ms;
+  let want = HEADER_SIZE;
+  while (bytes.length < want) {
+    header.prepareReceive(want - bytes.length);
+    const count = receiveMessage(raw.socket.fd, header);
+    if (count === -Errno.EAGAIN) {
+      if (Date.now() > deadline) throw new Error("no message from the broker in time");
+      await Promise.race([
+        raw.socket.readiness.readable(),
+        new Promise((resolve) => setTimeout(resolve, 50)),
+      ]);
+      continue;
+    }
+    if (count === 0 || count === -Errno.ECONNRESET) {
+      assert.equal(bytes.length, 0, "end of stream inside a message");
+      return undefined;
+    }
+    assert.ok(count > 0, `recvmsg: -${count}`);
+    header.readDescriptors();
+    descriptors.push(...header.descriptors);
+    bytes.push(...header.data.subarray(0, count));
+    if (bytes.length === HEADER_SIZE) {
+      want = HEADER_SIZE + new DataView(new Uint8Array(bytes).buffer).getUint32(8, true);
+    }
+  }
+  return { bytes: new Uint8Array(bytes), descriptors };
+}
+
+/** The next v2 message, decoded; its descriptors are closed. */
+async function nextReply(raw: RawClient): Promise<Reply> {
+  const message = await readMessage(raw);
+  assert.ok(message, "a message, not end of stream");
+  message.descriptors.forEach(closeDescriptor);
+  return decodeReply(message.bytes);
+}
+
+/** A v2 `LISTEN` on a raw connection; resolves once its `HELLO` is read, to it and its backlog. */
+async function listen(
+  socket: string,
+  key: string | Uint8Array,
+  options: RequestOptions = {},
+): Promise<{ raw: RawClient; backlog: number }> {
+  const raw = await RawClient.connect(socket);
+  raw.send(encodeRequest("listen", key, options));
+  const hello = await readMessage(raw);
+  assert.ok(hello, "a HELLO, not end of stream");
+  return { raw, backlog: decodeHello(hello.bytes).backlog };
+}
+
+/**
+ * Follows `resource`'s cursor from the start with `limit`; checks that ids
+ * ascend, that pages are bounded in count and size and that the walk ends.
+ * Resolves to the entries in order and the number of pages.
+ */
+async function walk<T extends { id: number }>(
+  http: ControlHttp,
+  resource: "/clients" | "/listeners",
+  limit: number,
+): Promise<{ entries: T[]; pages: number }> {
+  const entries: T[] = [];
+  let after = 0;
+  for (let pages = 1;; pages++) {
+    assert.ok(pages <= 10_000, `${resource}: the cursor does not end`);
+    const answer = await http.send("GET", `${resource}?limit=${limit}&after=${after}`);
+    assert.equal(answer.status, 200, answer.text);
+    assert.ok(answer.text.length < 70_000, `a page of ${answer.text.length} bytes`);
+    const page = JSON.parse(answer.text);
+    const listed: T[] = page[resource.slice(1)];
+    assert.ok(listed.length <= limit, `${listed.length} entries past the limit ${limit}`);
+    for (const entry of listed) {
+      assert.ok(entry.id > after, `id ${entry.id} after ${after}: not ascending`);
+      after = entry.id;
+      entries.push(entry);
+    }
+    if (page.next === undefined) return { entries, pages };
+    assert.equal(page.next, after);
+  }
 }
 
 async function pairOnce(socket: string, key: string): Promise<void> {
@@ -56,7 +162,9 @@ Deno.test("control: GET /status reports paths and counts that follow a pairing",
     assert.deepEqual(before.counts, {
       waiting: 0,
       waitingByMode: { none: 0, client: 0, server: 0 },
+      listeners: 0,
       pairedTotal: 0,
+      listenerDeliveriesTotal: 0,
       rejectedTotal: 0,
       acceptedTotal: 0,
       connectionsOpen: 0,
@@ -73,7 +181,9 @@ Deno.test("control: GET /status reports paths and counts that follow a pairing",
     assert.deepEqual(after.counts, {
       waiting: 1,
       waitingByMode: { none: 0, client: 1, server: 0 },
+      listeners: 0,
       pairedTotal: 1,
+      listenerDeliveriesTotal: 0,
       rejectedTotal: 1,
       acceptedTotal: 4,
       connectionsOpen: 1,
@@ -95,6 +205,8 @@ Deno.test("control: GET /clients lists a waiting client; DELETE kicks it, then 4
     assert.equal(listed.key, String.raw`k\x00\xff\"\\\x0a`);
     assert.equal(listed.keyHex, "6b00ff225c0a");
     assert.equal(listed.mode, "server");
+    assert.equal(listed.type, "stream");
+    assert.equal(listed.version, 1);
     assert.equal(listed.pid, Deno.pid);
     assert.equal(listed.uid, Deno.uid());
     assert.equal(listed.gid, Deno.gid());
@@ -128,6 +240,14 @@ Deno.test("control: unknown paths 404, wrong methods 405, bad ids 400, all as JS
       ["POST", "/status", 405, "GET"],
       ["DELETE", "/metrics", 405, "GET"],
       ["GET", "/clients/1", 405, "DELETE"],
+      ["POST", "/listeners", 405, "GET"],
+      ["DELETE", "/listeners", 405, "GET"],
+      ["GET", "/listeners/1", 404],
+      ["GET", "/listeners?limit=0", 400],
+      ["GET", "/listeners?limit=1001", 400],
+      ["GET", "/listeners?after=-1", 400],
+      ["GET", "/listeners?limit=1&limit=2", 400],
+      ["GET", "/listeners?offset=1", 400],
       ["DELETE", "/clients/abc", 400],
       ["DELETE", "/clients/-1", 400],
       ["DELETE", "/clients/99", 404],
@@ -176,6 +296,187 @@ Deno.test("control: GET /metrics parses; pairs and the wait histogram add up", a
     assert.ok(fds > 3 && fds <= after.get("one_socket_max_fds")!, `open fds ${fds}`);
     assert.ok(after.get("one_socket_resident_memory_bytes")! > 1_000_000);
   });
+});
+
+Deno.test("control: GET /listeners lists v2 listeners; /clients shows type and version; status and metrics count them", async () => {
+  await withControl(async (broker, socket, http) => {
+    assert.deepEqual(await http.json("/listeners"), { listeners: [] });
+    const key = new Uint8Array([0x73, 0x76, 0x63, 0x00, 0xfe]); // s v c NUL 0xfe
+    const stream = await listen(socket, key, { mode: "server", backlog: 2 });
+    using _stream = stream.raw;
+    assert.equal(stream.backlog, 2);
+    const seq = await listen(socket, "seq-svc", { mode: "client", type: "seqpacket" });
+    using _seq = seq.raw;
+    // One delivery to the stream listener, from a v1 client: served 1, in flight 1.
+    using served = await RawClient.connect(socket);
+    served.send(encodeGetPair(key, "client"));
+    const delivery = await nextReply(stream.raw);
+    assert.equal(delivery.request, "set_pair");
+    const end = await served.readToEnd();
+    assert.equal(end.bytes.length, MESSAGE_SIZE);
+    end.descriptors.forEach(closeDescriptor);
+    // And two waiting clients: a v1 one and a v2 seqpacket one that no listener serves.
+    using v1 = await RawClient.connect(socket);
+    v1.send(encodeGetPair("waiting-v1", "none"));
+    using v2 = await RawClient.connect(socket);
+    v2.send(encodeRequest("get_pair", "waiting-v2", { mode: "server", type: "seqpacket" }));
+    assert.equal((await nextReply(v2)).request, "hello");
+    await eventually(() => broker.stats.waiting === 2, "both clients to wait");
+
+    const { listeners } = await http.json<ControlListenersPage>("/listeners");
+    assert.equal(listeners.length, 2);
+    const [first, second] = listeners;
+    assert.ok(first.id < second.id);
+    const now = Date.now();
+    for (const listener of listeners) {
+      assert.equal(listener.pid, Deno.pid);
+      assert.equal(listener.uid, Deno.uid());
+      assert.equal(listener.gid, Deno.gid());
+      assert.ok(Math.abs(Date.parse(listener.since) - now) < 10_000, listener.since);
+      assert.ok(listener.listeningSeconds >= 0 && listener.listeningSeconds < 10);
+    }
+    const fields = ({ key, keyHex, mode, type, backlog, inFlight, served }: ControlListener) => ({
+      key,
+      keyHex,
+      mode,
+      type,
+      backlog,
+      inFlight,
+      served,
+    });
+    assert.deepEqual(fields(first), {
+      key: String.raw`svc\x00\xfe`,
+      keyHex: "73766300fe",
+      mode: "server",
+      type: "stream",
+      backlog: 2,
+      inFlight: 1,
+      served: 1,
+    });
+    assert.deepEqual(fields(second), {
+      key: "seq-svc",
+      keyHex: new TextEncoder().encode("seq-svc").toHex(),
+      mode: "client",
+      type: "seqpacket",
+      backlog: seq.backlog,
+      inFlight: 0,
+      served: 0,
+    });
+    assert.ok(seq.backlog > 0, "the broker's default backlog");
+
+    const { clients } = await http.json<ControlClientsPage>("/clients");
+    assert.deepEqual(
+      clients.map(({ key, mode, type, version }) => ({ key, mode, type, version })),
+      [
+        { key: "waiting-v1", mode: "none", type: "stream", version: 1 },
+        { key: "waiting-v2", mode: "server", type: "seqpacket", version: 2 },
+      ],
+      "listeners are not waiting clients",
+    );
+    assert.ok(
+      !listeners.some((listener) => clients.some((client) => client.id === listener.id)),
+      "waiting clients are not listeners",
+    );
+
+    const status = await http.json<ControlStatus>("/status");
+    assert.equal(status.counts.listeners, 2);
+    assert.equal(status.counts.waiting, 2);
+    assert.equal(status.counts.pairedTotal, 1);
+    assert.equal(status.counts.listenerDeliveriesTotal, 1);
+    assert.equal(status.counts.connectionsOpen, 4);
+
+    // A pair of two waiting clients is a pair, not a listener delivery.
+    await pairOnce(socket, "plain");
+    const samples = await metrics(http);
+    assert.equal(samples.get("one_socket_listeners"), 2);
+    assert.equal(samples.get("one_socket_listener_deliveries_total"), 1);
+    assert.equal(samples.get("one_socket_pairs_total"), 2);
+    assert.equal(samples.get("one_socket_connections_open"), 4);
+  });
+});
+
+Deno.test("control: GET /listeners pages by ascending id, each listener once, bounded in count and bytes", async () => {
+  await withControl(async (broker, socket, http) => {
+    const held: RawClient[] = [];
+    try {
+      // Registered out of connection order: the later connection listens first.
+      const early = await RawClient.connect(socket);
+      held.push(early);
+      const late = await listen(socket, "late-connect");
+      held.push(late.raw);
+      early.send(encodeRequest("listen", "early-connect"));
+      assert.equal((await nextReply(early)).request, "hello");
+      // Long keys, every byte escaped in `key`: a page of a thousand would be megabytes.
+      const count = 40;
+      const expected = new Set(["late-connect", "early-connect"]);
+      for (let i = 0; i < count; i++) {
+        const key = new Uint8Array(1024).fill(0xff);
+        new DataView(key.buffer).setUint32(0, i);
+        expected.add(key.toHex());
+        held.push((await listen(socket, key, { mode: "server", backlog: 1 })).raw);
+      }
+      const hexOf = (listener: ControlListener) =>
+        listener.keyHex.length === 2048 ? listener.keyHex : listener.key;
+      assert.equal(broker.stats.listeners, count + 2);
+      assert.equal((await http.json<ControlStatus>("/status")).counts.listeners, count + 2);
+
+      for (const limit of [1, 7, 1000]) {
+        const { entries, pages } = await walk<ControlListener>(http, "/listeners", limit);
+        assert.equal(entries.length, count + 2, `limit ${limit}: a listener missed or repeated`);
+        assert.deepEqual(new Set(entries.map(hexOf)), expected, `limit ${limit}`);
+        if (limit === 1000) assert.ok(pages > 1, "one page held every long key");
+      }
+      const firstPage = await http.json<ControlListenersPage>("/listeners");
+      assert.ok(firstPage.listeners.length < count, "the byte cap, not the default limit");
+      assert.equal(firstPage.next, firstPage.listeners.at(-1)!.id);
+      const { entries } = await walk<ControlClient>(http, "/clients", 1000);
+      assert.deepEqual(entries, [], "no listener is listed as waiting");
+    } finally {
+      held.forEach((raw) => raw[Symbol.dispose]());
+    }
+  }, { maxListenersPerUid: 64 });
+});
+
+Deno.test("control: DELETE /clients/ID kicks a listener: it hears REFUSED kicked, its key and place are free", async () => {
+  await withControl(async (broker, socket, http) => {
+    const first = await listen(socket, "kick-svc", { mode: "server" });
+    using listener = first.raw;
+    const [listed] = (await http.json<ControlListenersPage>("/listeners")).listeners;
+    assert.equal(listed.key, "kick-svc");
+
+    const kicked = await http.send("DELETE", `/clients/${listed.id}`);
+    assert.equal(kicked.status, 204, kicked.text);
+    const refused = await readMessage(listener);
+    assert.ok(refused, "a REFUSED before the close");
+    assert.equal(decodeRefused(refused.bytes), "kicked");
+    assert.equal(await readMessage(listener), undefined, "then end of stream");
+    assert.equal(broker.stats.listeners, 0);
+    assert.deepEqual(await http.json("/listeners"), { listeners: [] });
+    assert.equal((await http.json<ControlStatus>("/status")).counts.listeners, 0);
+    const samples = await metrics(http);
+    assert.equal(samples.get("one_socket_listeners"), 0);
+    assert.equal(samples.get('one_socket_dropped_total{reason="kicked"}'), 1);
+    const again = await http.send("DELETE", `/clients/${listed.id}`);
+    assert.equal(again.status, 404);
+    assert.deepEqual(JSON.parse(again.text), { error: `no client ${listed.id}` });
+
+    // The key is free: a client for it now waits, where the listener would have served it.
+    using client = await RawClient.connect(socket);
+    client.send(encodeGetPair("kick-svc", "client"));
+    await eventually(() => broker.stats.waiting === 1, "the client to wait");
+    assert.equal((await http.json<ControlClientsPage>("/clients")).clients[0].key, "kick-svc");
+    // And so is the uid's only listener place: a new listener registers and serves it at once.
+    const second = await listen(socket, "kick-svc", { mode: "server" });
+    using replacement = second.raw;
+    assert.equal((await nextReply(replacement)).request, "set_pair");
+    const end = await client.readToEnd();
+    assert.equal(end.descriptors.length, 1);
+    end.descriptors.forEach(closeDescriptor);
+    const [now] = (await http.json<ControlListenersPage>("/listeners")).listeners;
+    assert.notEqual(now.id, listed.id);
+    assert.equal(now.served, 1);
+    assert.equal((await metrics(http)).get("one_socket_listener_deliveries_total"), 1);
+  }, { maxListenersPerUid: 1 });
 });
 
 Deno.test("control: a stale socket file is replaced; a live one or a non-socket is refused", async () => {
@@ -259,10 +560,12 @@ Deno.test("ctl: status, clients, kick and metrics against a broker process", asy
     const table = (await ctl(scope, ["clients"], { ONE_SOCKET_CONTROL: control })).split("\n");
     assert.equal(table.length, 3, table.join("\n"));
     assert.equal(table[2], "");
-    assert.match(table[0], /^ID +MODE +WAITING +PID +UID +KEY$/);
+    assert.match(table[0], /^ID +MODE +TYPE +PROTO +WAITING +PID +UID +KEY$/);
     assert.match(
       table[1],
-      new RegExp(`^\\d+ +server +\\d+\\.\\ds +${waiting.pid} +${Deno.uid()} +"ctl key"$`),
+      new RegExp(
+        `^\\d+ +server +stream +v[12] +\\d+\\.\\ds +${waiting.pid} +${Deno.uid()} +"ctl key"$`,
+      ),
     );
     const { clients }: { clients: ControlClient[] } = JSON.parse(
       await ctl(scope, ["clients", "--json", "--control", control]),
@@ -294,6 +597,87 @@ Deno.test("ctl: status, clients, kick and metrics against a broker process", asy
   });
 });
 
+Deno.test("ctl: listeners, the waiting clients' type and version, status's count, kick of a listener", async () => {
+  await withScope(async (scope) => {
+    const control = `${scope.dir}/broker.socket.control`;
+    const broker = await startWithControl(scope, control);
+    assert.equal(await ctl(scope, ["listeners", "--control", control]), "no listeners\n");
+    assert.deepEqual(
+      JSON.parse(await ctl(scope, ["listeners", "--json", "--control", control])),
+      { listeners: [] },
+    );
+    const stream = await listen(scope.socket, "ctl\nsvc", { mode: "server", backlog: 3 });
+    using _stream = stream.raw;
+    const seq = await listen(scope.socket, "ctl-seq", { mode: "client", type: "seqpacket" });
+    using _seq = seq.raw;
+    using served = await RawClient.connect(scope.socket);
+    served.send(encodeGetPair("ctl\nsvc", "client"));
+    assert.equal((await nextReply(stream.raw)).request, "set_pair");
+    (await served.readToEnd()).descriptors.forEach(closeDescriptor);
+    using v2 = await RawClient.connect(scope.socket);
+    v2.send(encodeRequest("get_pair", "ctl-wait", { mode: "server", type: "seqpacket" }));
+    assert.equal((await nextReply(v2)).request, "hello");
+
+    const table = (await ctl(scope, ["listeners", "--control", control])).split("\n");
+    assert.equal(table.length, 4, table.join("\n"));
+    assert.equal(table[3], "");
+    assert.match(
+      table[0],
+      /^ID +MODE +TYPE +BACKLOG +INFLIGHT +SERVED +LISTENING +PID +UID +KEY$/,
+    );
+    const uid = Deno.uid();
+    assert.match(
+      table[1],
+      new RegExp(
+        `^\\d+ +server +stream +3 +1 +1 +\\d+\\.\\ds +${Deno.pid} +${uid} +"ctl\\\\x0asvc"$`,
+      ),
+    );
+    assert.match(
+      table[2],
+      new RegExp(
+        `^\\d+ +client +seqpacket +${seq.backlog} +0 +0 +\\d+\\.\\ds +${Deno.pid} +${uid} +"ctl-seq"$`,
+      ),
+    );
+    const { listeners }: { listeners: ControlListener[] } = JSON.parse(
+      await ctl(scope, ["listeners", "--json", "--control", control]),
+    );
+    assert.deepEqual(listeners.map((listener) => [listener.key, listener.served]), [
+      ["ctl\\x0asvc", 1],
+      ["ctl-seq", 0],
+    ]);
+
+    const clients = (await ctl(scope, ["clients", "--control", control])).split("\n");
+    assert.match(
+      clients[1],
+      new RegExp(`^\\d+ +server +seqpacket +v2 +\\d+\\.\\ds +${Deno.pid} +${uid} +"ctl-wait"$`),
+    );
+    const status = await ctl(scope, ["status", "--control", control]);
+    assert.match(status, /^listeners +2$/m);
+    assert.match(status, /^paired +1 \(1 to listeners\)$/m);
+    assert.match(status, /^waiting +1 \(none 0, client 0, server 1\)$/m);
+    const samples = parsePrometheus(await ctl(scope, ["metrics", "--control", control])).samples;
+    assert.equal(samples.get("one_socket_listeners"), 2);
+    assert.equal(samples.get("one_socket_listener_deliveries_total"), 1);
+
+    const id = String(listeners[0].id);
+    assert.equal(
+      await ctl(scope, ["kick", id, "--control", control]),
+      `disconnected client ${id}\n`,
+    );
+    assert.equal(decodeRefused((await readMessage(stream.raw))!.bytes), "kicked");
+    assert.equal(await readMessage(stream.raw), undefined);
+    const left = JSON.parse(await ctl(scope, ["listeners", "--json", "--control", control]));
+    assert.deepEqual(left.listeners.map((listener: ControlListener) => listener.key), ["ctl-seq"]);
+    assert.match(await ctl(scope, ["status", "--control", control]), /^listeners +1$/m);
+    const again = await scope.spawn(["ctl", "kick", id, "--control", control]).finish();
+    assert.equal(again.code, 1);
+    assert.equal(again.stderr, `one-socket ctl: no client ${id}\n`);
+
+    broker.kill("SIGTERM");
+    assert.equal((await broker.finish()).code, 0);
+  });
+});
+
 Deno.test("ctl: no broker is one line and exit 1; usage errors exit 2", async () => {
   await withScope(async (scope) => {
     const missing = `${scope.dir}/missing.control`;
@@ -314,7 +698,9 @@ Deno.test("ctl: no broker is one line and exit 1; usage errors exit 2", async ()
       [["frobnicate"], /unknown command frobnicate/],
       [["kick"], /kick takes one client ID/],
       [["status", "extra"], /unexpected argument extra/],
-      [["metrics", "--json"], /--json applies to status and clients/],
+      [["metrics", "--json"], /--json applies to status, clients and listeners, not metrics/],
+      [["kick", "7", "--json"], /--json applies to status, clients and listeners, not kick/],
+      [["listeners", "extra"], /unexpected argument extra/],
       [["status", "--bogus"], /bogus/],
     ];
     const results = await Promise.all(

@@ -11,12 +11,14 @@ function snapshot(overrides: Partial<MetricsSnapshot> = {}): MetricsSnapshot {
   return {
     accepted: 7,
     paired: 3,
+    listenerDeliveries: 2,
     acceptPauses: 1,
     descriptorExhaustions: 1,
     protocolErrors: { key_len: 2, flags: 1 },
     dropped: { pair_timeout: 4 },
     pairWait: { bounds: [0.001, 0.5, 10], counts: [1, 0, 2, 0], sum: 4.25, count: 3 },
     waitingByMode: { none: 1, client: 0, server: 2 },
+    listeners: 4,
     connectionsOpen: 5,
     openDescriptors: 40,
     maxDescriptors: 1024,
@@ -31,11 +33,13 @@ Deno.test("prometheus: every family and sample, with its value", () => {
   assert.deepEqual(Object.fromEntries(types), {
     one_socket_accepts_total: "counter",
     one_socket_pairs_total: "counter",
+    one_socket_listener_deliveries_total: "counter",
     one_socket_protocol_errors_total: "counter",
     one_socket_dropped_total: "counter",
     one_socket_accept_pauses_total: "counter",
     one_socket_descriptor_exhaustions_total: "counter",
     one_socket_waiting_clients: "gauge",
+    one_socket_listeners: "gauge",
     one_socket_connections_open: "gauge",
     one_socket_pair_wait_seconds: "histogram",
     one_socket_open_fds: "gauge",
@@ -49,6 +53,7 @@ Deno.test("prometheus: every family and sample, with its value", () => {
   assert.deepEqual(Object.fromEntries(samples), {
     one_socket_accepts_total: 7,
     one_socket_pairs_total: 3,
+    one_socket_listener_deliveries_total: 2,
     'one_socket_protocol_errors_total{field="key_len"}': 2,
     'one_socket_protocol_errors_total{field="flags"}': 1,
     'one_socket_dropped_total{reason="pair_timeout"}': 4,
@@ -57,6 +62,7 @@ Deno.test("prometheus: every family and sample, with its value", () => {
     'one_socket_waiting_clients{mode="none"}': 1,
     'one_socket_waiting_clients{mode="client"}': 0,
     'one_socket_waiting_clients{mode="server"}': 2,
+    one_socket_listeners: 4,
     one_socket_connections_open: 5,
     'one_socket_pair_wait_seconds_bucket{le="0.001"}': 1,
     'one_socket_pair_wait_seconds_bucket{le="0.5"}': 1,
@@ -99,6 +105,28 @@ Deno.test("prometheus: a family with nothing counted yet is declared without sam
   const keys = [...samples.keys()];
   assert.ok(!keys.some((key) => key.startsWith("one_socket_protocol_errors_total")));
   assert.ok(!keys.some((key) => key.startsWith("one_socket_dropped_total")));
+});
+
+Deno.test("prometheus: the listener families are HELP, TYPE and one sample, zero included", () => {
+  const text = renderPrometheus(snapshot({ listeners: 0, listenerDeliveries: 0 }));
+  const lines = text.split("\n");
+  for (
+    const [name, type] of [["one_socket_listeners", "gauge"], [
+      "one_socket_listener_deliveries_total",
+      "counter",
+    ]]
+  ) {
+    const start = lines.findIndex((line) => line.startsWith(`# HELP ${name} `));
+    assert.ok(start >= 0, `no HELP for ${name}`);
+    assert.match(lines[start], /protocol v2/);
+    assert.deepEqual(lines.slice(start + 1, start + 3), [`# TYPE ${name} ${type}`, `${name} 0`]);
+    assert.ok(!lines[start + 3].startsWith(name), `${name}: a single sample`);
+  }
+  const { samples } = parsePrometheus(
+    renderPrometheus(snapshot({ listeners: 16, listenerDeliveries: 9 })),
+  );
+  assert.equal(samples.get("one_socket_listeners"), 16);
+  assert.equal(samples.get("one_socket_listener_deliveries_total"), 9);
 });
 
 Deno.test("prometheus: the strict reader rejects what a scraper would", () => {
