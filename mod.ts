@@ -41,6 +41,7 @@ export {
   Broker,
   type BrokerOptions,
   type BrokerStats,
+  type ListenerInfo,
   type ListingPage,
   MAX_LISTING_PAGE,
   type UidLimits,

@@ -370,16 +370,17 @@ export class Broker implements AsyncDisposable {
 
   /**
    * One page of the registered listeners, by ascending id, as
-   * {@link waitingClients} pages: bounded by the number of listeners.
+   * {@link waitingClients} pages: bounded by the number of open connections.
    */
   listeners(page: ListingPage = {}): ListenerInfo[] {
     const after = page.after ?? 0;
     const limit = Math.min(page.limit ?? MAX_LISTING_PAGE, MAX_LISTING_PAGE);
     const listeners: ListenerInfo[] = [];
-    for (const connection of this.#table.listening) {
+    // By id, as pages go: the listening list is in registration order.
+    for (const connection of this.#table.values()) {
       if (listeners.length >= limit) break;
-      const registration = connection.registration!;
-      if (connection.id <= after) continue;
+      const registration = connection.registration;
+      if (connection.id <= after || registration === undefined) continue;
       listeners.push({
         id: connection.id,
         key: registration.key.slice(),
