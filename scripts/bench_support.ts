@@ -221,6 +221,20 @@ export async function temporaryDirectory(): Promise<AsyncDisposable & { path: st
   return { path, [Symbol.asyncDispose]: () => Deno.remove(path, { recursive: true }) };
 }
 
+/** The C load generator failed; `code` is its exit code (3: the broker does not speak v2). */
+export class LoadgenError extends Error {
+  /** The generator's exit code. */
+  readonly code: number;
+
+  constructor(message: string, code: number) {
+    super(message);
+    this.code = code;
+  }
+}
+
+/** Exit code of `loadgen listen` when the broker answers its `LISTEN` with no `HELLO`. */
+export const LOADGEN_NO_V2 = 3;
+
 /** Runs the C load generator with `args`; resolves to the JSON object it prints. */
 export async function loadgen<T>(args: string[]): Promise<T> {
   const { success, code, stdout } = await new Deno.Command(cTool("loadgen"), {
@@ -229,7 +243,9 @@ export async function loadgen<T>(args: string[]): Promise<T> {
     stdout: "piped",
     stderr: "inherit",
   }).output();
-  if (!success) throw new Error(`loadgen ${args.join(" ")} failed (exit ${code}; see above)`);
+  if (!success) {
+    throw new LoadgenError(`loadgen ${args.join(" ")} failed (exit ${code}; see above)`, code);
+  }
   return JSON.parse(new TextDecoder().decode(stdout));
 }
 
