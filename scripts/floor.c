@@ -268,6 +268,12 @@ static void on_readable(int fd) {
     if (c->received > MESSAGE_SIZE) disconnect(fd); /* one request per connection */
     return;
   }
+  /* As the C broker does, a request of another version is closed at once, not waited for:
+     that close is how a protocol v2 client learns to fall back to v1. */
+  if (c->received >= 8 && get_u32((before == 0 ? inbound : c->frame) + 4) != 1) {
+    disconnect(fd);
+    return;
+  }
   if (before == 0 && c->received >= GET_PAIR_MIN_SIZE) {
     handle_request(fd, inbound); /* whole in one read, as nearly always */
     return;
