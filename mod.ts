@@ -1,6 +1,8 @@
 /**
  * One Socket: a SocketPair broker and its client library, wire-compatible
- * with the C SocketPair Broker (protocol v1).
+ * with the C SocketPair Broker (protocol v1), and speaking protocol v2
+ * (listeners, attested peers, `seqpacket` and `dgram` pairs) where the
+ * broker does.
  *
  * Many processes on one host meet through one broker socket: each sends a
  * key, and when two keys match the broker hands each a end of a fresh
@@ -50,15 +52,24 @@ export {
 export {
   BrokerClosedError,
   BrokerConnection,
+  BrokerRefusedError,
+  BrokerVersionError,
   connectBroker,
   type ConnectOptions,
   getPair,
   type PairOptions,
 } from "./client/pair.ts";
-export { closeDescriptor, PairedSocket } from "./client/paired_socket.ts";
+export { listen, Listener, type ListenOptions } from "./client/listen.ts";
+export {
+  closeDescriptor,
+  PairedSocket,
+  type PairedSocketOptions,
+  type Peer,
+} from "./client/paired_socket.ts";
+export type { SocketType } from "./client/protocol_v2.ts";
 export type { BrokerMetrics, DropReason, Histogram } from "./broker/metrics.ts";
 export { defaultSocketPath, SOCKET_PATH_VARIABLE } from "./client/socket_path.ts";
-export { type Key, type Mode, ProtocolError } from "./client/protocol.ts";
+export { type Key, type Mode, ProtocolError, type ProtocolErrorField } from "./client/protocol.ts";
 export { OsError } from "./ffi/errors.ts";
 export type { PeerCredentials } from "./ffi/structs.ts";
 

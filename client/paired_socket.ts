@@ -1,7 +1,8 @@
 /**
  * {@link PairedSocket}: the descriptor a client receives from the broker, as
- * async reads and writes, as web streams, or as a `node:net` socket; and
- * {@link closeDescriptor} for one it gave up.
+ * async reads and writes, as whole messages (`seqpacket` and `dgram` pairs),
+ * as web streams, or as a `node:net` socket, with the {@link Peer} the broker
+ * attested; and {@link closeDescriptor} for one it gave up.
  *
  * @module
  */
@@ -15,14 +16,89 @@ import {
   setNonblocking,
   shutdownWrite,
   UnixSocket,
+  unreadBytes,
 } from "../ffi/socket.ts";
+import type { SocketType } from "./protocol_v2.ts";
 
 const STREAM_CHUNK_SIZE = 64 * 1024;
 
 /**
- * One end of the socketpair the broker created: a connected Unix stream
- * socket shared with exactly one peer. It owns its descriptor until
- * {@link close}, {@link detach} or {@link toNodeSocket}.
+ * Who is at the other end, as the broker attested it (protocol v2): the
+ * partner's credentials as of its `connect` to the broker, which the partner
+ * cannot change later. `SO_PEERCRED` on the paired socket itself names the
+ * broker, which made the pair; this is the way to learn the partner.
+ *
+ * @example Serve only one user
+ * ```ts
+ * import { getPair } from "@one-socket/one-socket";
+ * await using socket = await getPair("admin-api", { mode: "server" });
+ * if (socket.peer === undefined || socket.peer.uid !== 0) throw new Error("not root");
+ * ```
+ */
+export interface Peer {
+  /** The partner's pid; 0 when the broker could not tell (another pid namespace). */
+  readonly pid: number;
+  /** The partner's uid. */
+  readonly uid: number;
+  /** The partner's primary gid. */
+  readonly gid: number;
+  /** Whether the partner is a listener (it stays registered and serves others too). */
+  readonly listener: boolean;
+  /** The protocol version the partner spoke to the broker. */
+  readonly version: 1 | 2;
+  /** The broker's connection id of the partner (low 32 bits), as in its log and `ctl clients`. */
+  readonly id: number;
+  /**
+   * A pidfd of the partner's process (asked for with `pidfd: true`, where
+   * the broker's kernel has `SO_PEERPIDFD`): it names the process without
+   * the race of a reused pid. The {@link PairedSocket} owns it and closes it
+   * in {@link PairedSocket.close}, whatever {@link PairedSocket.detach} or
+   * {@link PairedSocket.toNodeSocket} did with the socket; it reads -1 from
+   * then on. Absent when not asked for or not available.
+   */
+  readonly pidfd?: number;
+}
+
+/**
+ * What the broker said about a pair, for {@link PairedSocket}'s constructor.
+ *
+ * @example A socketpair made by hand, as a seqpacket PairedSocket
+ * ```ts
+ * import { PairedSocket, type PairedSocketOptions } from "@one-socket/one-socket";
+ * declare const fd: number; // one end of socketpair(AF_UNIX, SOCK_SEQPACKET)
+ * const options: PairedSocketOptions = { type: "seqpacket" };
+ * using socket = new PairedSocket(fd, options);
+ * ```
+ */
+export interface PairedSocketOptions {
+  /** The socket's type; default `stream`. */
+  type?: SocketType;
+  /** The protocol version the pair came by; default 1. */
+  protocol?: 1 | 2;
+  /** The partner; its `pidfd`, if any, passes to the new object. */
+  peer?: Peer;
+}
+
+/** {@link Peer}, as this module updates it: its pidfd reads -1 once closed. */
+type OwnedPeer = { -readonly [K in keyof Peer]: Peer[K] };
+
+// Messages that arrive while nothing was queued are read here first (reads are synchronous,
+// so one serves every socket): FIONREAD could not size them, and a buffer too short would
+// cut them. 256 KiB holds the longest message a default-sized sender can queue.
+const MESSAGE_SCRATCH_SIZE = 256 * 1024;
+let messageScratch: Uint8Array<ArrayBuffer> | undefined;
+
+/**
+ * One end of the socketpair the broker created: a connected Unix socket
+ * shared with exactly one peer, of the {@link type} asked for (`stream`
+ * unless said otherwise). It owns its descriptor until {@link close},
+ * {@link detach} or {@link toNodeSocket}, and the partner's pidfd (in
+ * {@link peer}) until {@link close}.
+ *
+ * Stream sockets carry bytes: {@link read}, {@link write} and the web
+ * streams. `seqpacket` and `dgram` sockets carry whole messages:
+ * {@link send} and {@link receive} (read and write work too, a message at
+ * a time).
  *
  * Reads and writes are system calls on the JavaScript thread; only waiting
  * for the peer goes through the process's event loop. While bytes flow, a
@@ -41,6 +117,12 @@ const STREAM_CHUNK_SIZE = 64 * 1024;
  * ```
  */
 export class PairedSocket implements Disposable, AsyncDisposable {
+  /** The protocol version the pair came by: 2, or 1 from a v1-only broker (or when forced). */
+  readonly protocol: 1 | 2;
+  /** The socket's type. */
+  readonly type: SocketType;
+  /** The partner, as the broker attested it; absent under protocol v1. */
+  readonly peer?: Peer;
   readonly #socket: UnixSocket;
   #nonblocking = false;
   // Reads and writes awaiting the peer: the descriptor must not change hands under them.
@@ -53,12 +135,16 @@ export class PairedSocket implements Disposable, AsyncDisposable {
   #writable?: WritableStream<Uint8Array>;
 
   /**
-   * Takes ownership of a connected stream socket descriptor. It stays in
-   * blocking mode until the first read or write, so a descriptor only handed
-   * on (to a child process, say) reaches its user unchanged.
+   * Takes ownership of a connected socket descriptor (and of
+   * `options.peer.pidfd`). It stays in blocking mode until the first read or
+   * write, so a descriptor only handed on (to a child process, say) reaches
+   * its user unchanged.
    */
-  constructor(fd: number) {
+  constructor(fd: number, options: PairedSocketOptions = {}) {
     this.#socket = new UnixSocket(fd);
+    this.type = options.type ?? "stream";
+    this.protocol = options.protocol ?? 1;
+    if (options.peer !== undefined) this.peer = { ...options.peer };
   }
 
   /** The descriptor number, for handing on; -1 once closed, detached or handed to Node. */
@@ -147,6 +233,106 @@ export class PairedSocket implements Disposable, AsyncDisposable {
   /** Ends the writing direction; the peer reads end of stream and may still reply. */
   closeWrite(): void {
     shutdownWrite(this.#open("shutdown"));
+  }
+
+  /**
+   * Sends `message` as one message, waiting for room as needed (`seqpacket`
+   * and `dgram` only). A `seqpacket` message must not be empty: the peer
+   * would read it as end of stream.
+   *
+   * @throws {TypeError} on a `stream` socket, which has no message boundaries: use {@link write}
+   * @throws {RangeError} for an empty `seqpacket` message
+   * @throws {OsError} `EMSGSIZE` for a message longer than the socket takes; `EPIPE`
+   *   (`seqpacket`) or `ECONNREFUSED` (`dgram`) once the peer closed
+   *
+   * @example Messages keep their boundaries
+   * ```ts
+   * import { getPair } from "@one-socket/one-socket";
+   * await using socket = await getPair("memif-ctl", { type: "seqpacket" });
+   * await socket.send(new TextEncoder().encode("hello"));
+   * await socket.send(new TextEncoder().encode("world")); // received apart, never "helloworld"
+   * ```
+   */
+  async send(message: Uint8Array): Promise<void> {
+    this.#requireMessages("send", "write");
+    if (message.length === 0 && this.type === "seqpacket") {
+      throw new RangeError("send: an empty seqpacket message reads as end of stream at the peer");
+    }
+    for (;;) {
+      const count = sendFrom(this.#open("send"), message as Uint8Array<ArrayBuffer>);
+      // A message goes whole or not at all.
+      if (count >= 0) return;
+      if (count !== -Errno.EAGAIN) throw new OsError("send", -count);
+      this.#waiting++;
+      await this.#socket.readiness.writable();
+      this.#waiting--;
+    }
+  }
+
+  /**
+   * Receives one whole message (`seqpacket` and `dgram` only): a view of
+   * `buffer` when it fits there, otherwise (or with no `buffer`) an array of
+   * its own; a message is never cut. A `seqpacket` socket returns `null` at
+   * end of stream (the peer closed or shut down its writing side). A `dgram`
+   * socket has no end of stream: the kernel tells a datagram socket nothing
+   * when its peer closes, and an empty datagram is a message like any other.
+   * Agree on a last message, or {@link close} the socket, which makes a
+   * waiting receive throw `BadResource`.
+   *
+   * @throws {TypeError} on a `stream` socket: use {@link read}
+   *
+   * @example Read messages until the peer is done
+   * ```ts
+   * import { getPair } from "@one-socket/one-socket";
+   * await using socket = await getPair("memif-ctl", { type: "seqpacket", mode: "server" });
+   * const buffer = new Uint8Array(2048);
+   * for (let message; (message = await socket.receive(buffer)) !== null;) {
+   *   console.log(`${message.length}-byte message`);
+   * }
+   * ```
+   */
+  async receive(buffer?: Uint8Array): Promise<Uint8Array | null> {
+    this.#requireMessages("receive", "read");
+    for (;;) {
+      const message = this.#receiveNow(buffer as Uint8Array<ArrayBuffer> | undefined);
+      if (message !== undefined) return message;
+      this.#waiting++;
+      await this.#socket.readiness.readable();
+      this.#waiting--;
+    }
+  }
+
+  #requireMessages(operation: string, instead: string): void {
+    if (this.type === "stream") {
+      throw new TypeError(
+        `${operation}: a stream socket carries bytes, not messages; use ${instead}`,
+      );
+    }
+  }
+
+  /** One message if one is queued, null at end (seqpacket), undefined for nothing yet. */
+  #receiveNow(buffer: Uint8Array<ArrayBuffer> | undefined): Uint8Array | null | undefined {
+    const fd = this.#open("receive");
+    // dgram: the next message's length; seqpacket: all queued messages' (at least the next's).
+    const queued = unreadBytes(fd);
+    let target: Uint8Array<ArrayBuffer>;
+    if (queued > 0 && buffer !== undefined && buffer.length >= queued) target = buffer;
+    else if (queued > MESSAGE_SCRATCH_SIZE || (queued > 0 && this.type === "dgram")) {
+      target = new Uint8Array(queued);
+    } else target = messageScratch ??= new Uint8Array(MESSAGE_SCRATCH_SIZE);
+    const count = readInto(fd, target);
+    if (count === -Errno.EAGAIN) return undefined;
+    if (count === 0 && this.type === "seqpacket") return null;
+    if (count < 0) {
+      if (count === -Errno.ECONNRESET && this.type === "seqpacket") return null;
+      throw new OsError("recv", -count);
+    }
+    if (target !== messageScratch) return target.subarray(0, count);
+    if (buffer !== undefined && count <= buffer.length) {
+      buffer.set(target.subarray(0, count));
+      return buffer.subarray(0, count);
+    }
+    return target.slice(0, count);
   }
 
   /**
@@ -244,7 +430,8 @@ export class PairedSocket implements Disposable, AsyncDisposable {
    * Hands the descriptor to a new `node:net` socket, for the libraries that
    * take one (`node:http`, `node:http2`, `node:tls`, gRPC): this object then
    * behaves as detached (`fd` is -1, its calls throw `BadResource`) and the
-   * returned socket owns the descriptor and closes it when destroyed. An
+   * returned socket owns the descriptor and closes it when destroyed (the
+   * partner's pidfd stays with this object, for {@link close}). An
    * {@link unref}'d socket stays unref'd. `node:net` is loaded on the first
    * call, not when this module is imported.
    *
@@ -290,7 +477,9 @@ export class PairedSocket implements Disposable, AsyncDisposable {
   /**
    * Gives up ownership of the descriptor, to pass it on (to a C library
    * through FFI, say); this object then behaves as closed. The caller closes the
-   * descriptor, with {@link closeDescriptor} if nothing else takes it.
+   * descriptor, with {@link closeDescriptor} if nothing else takes it. The
+   * partner's pidfd stays with this object: {@link close} (or `using`) still
+   * closes it.
    *
    * @example Hand the descriptor to code that takes a number, then close it
    * ```ts
@@ -305,9 +494,17 @@ export class PairedSocket implements Disposable, AsyncDisposable {
     return this.#socket.detach();
   }
 
-  /** Closes the descriptor; later calls do nothing. Pending reads and writes fail. */
+  /**
+   * Closes the descriptor, if this object still owns it, and the partner's
+   * pidfd; later calls do nothing. Pending reads and writes fail.
+   */
   close(): void {
     this.#socket.close();
+    const peer = this.peer as OwnedPeer | undefined;
+    if (peer?.pidfd !== undefined && peer.pidfd >= 0) {
+      releaseDescriptor(peer.pidfd);
+      peer.pidfd = -1;
+    }
   }
 
   /** Same as {@link close}, for `using`. */

@@ -99,7 +99,7 @@ Deno.test("our GET_PAIR is byte for byte what the C client sends", async () => {
   const golden = await fixture("get_pair_server_vhost-user-1.bin");
   await withFakeBroker(() => "close", async (path, request) => {
     await assert.rejects(
-      getPair("vhost-user-1", { socket: path, mode: "server" }),
+      getPair("vhost-user-1", { socket: path, mode: "server", protocol: 1 }),
       BrokerClosedError,
     );
     assert.deepEqual(await request, golden);
@@ -110,7 +110,7 @@ Deno.test("the C broker's SET_PAIR is accepted and its descriptor works", async 
   const golden = await fixture("set_pair.bin");
   const [ours, theirs] = freshPair();
   await withFakeBroker(() => ({ bytes: golden, fds: [ours] }), async (path) => {
-    const socket = await getPair("vhost-user-1", { socket: path, mode: "client" });
+    const socket = await getPair("vhost-user-1", { socket: path, mode: "client", protocol: 1 });
     try {
       await socket.write(new TextEncoder().encode("ping"));
       const buffer = new Uint8Array(4) as Uint8Array<ArrayBuffer>;
@@ -151,7 +151,7 @@ for (const [what, reply, message] of badReplies) {
   Deno.test(`a SET_PAIR with ${what} is refused and leaks nothing`, async () => {
     const before = countOpenDescriptors();
     await withFakeBroker(reply, async (path) => {
-      await assert.rejects(getPair("k", { socket: path }), (error) => {
+      await assert.rejects(getPair("k", { socket: path, protocol: 1 }), (error) => {
         assert.ok(error instanceof ProtocolError, String(error));
         assert.match(error.message, message);
         return true;
@@ -323,7 +323,7 @@ Deno.test("a SET_PAIR that arrives in two pieces, the descriptor with the first,
   Reactor.instance(); // its epoll and eventfd descriptors live as long as the process
   const before = countOpenDescriptors();
   try {
-    const pairing = getPair("pieces", { socket: socket.path });
+    const pairing = getPair("pieces", { socket: socket.path, protocol: 1 });
     let fd = acceptConnection(listener.fd);
     while (fd < 0) {
       await listener.readiness.readable();
@@ -359,7 +359,7 @@ Deno.test("getPair waits out a full backlog, then connects, sends and pairs", as
   // Backlog 0 holds one queued connection: the next connect gets EAGAIN until it is accepted.
   using listener = listenUnix(socket.path, 0);
   using filler = await connectUnix(socket.path);
-  const paired = getPair("backlog", { socket: socket.path, mode: "server" });
+  const paired = getPair("backlog", { socket: socket.path, mode: "server", protocol: 1 });
   await new Promise((resolve) => setTimeout(resolve, 30));
   closeDescriptor(acceptConnection(listener.fd)); // the filler's slot is free: the retry gets in
   let fd = acceptConnection(listener.fd);
