@@ -272,16 +272,12 @@ export class Listener implements AsyncIterable<PairedSocket>, AsyncDisposable, D
     this.#owed -= count;
     this.#credited += count;
     this.#creditInFlight = true;
-    // Sent at once unless the broker has stopped reading; then one CREDIT at a time.
-    sendRequest(socket, this.path, encodeCredit(count), this.#stop.signal).then(
-      () => {
-        this.#creditInFlight = false;
-        this.#returnCredit();
-      },
-      (error) => {
-        if (!this.#closed) this.#fail(error);
-      },
-    );
+    // Sent at once unless the broker has stopped reading; then one CREDIT at a time. A send
+    // that fails needs no report: the broker ended the registration, and the reads hear why.
+    sendRequest(socket, this.path, encodeCredit(count), this.#stop.signal).then(() => {
+      this.#creditInFlight = false;
+      this.#returnCredit();
+    }, () => {});
   }
 
   /**
