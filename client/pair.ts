@@ -642,15 +642,15 @@ async function pairV2(
     throw error;
   }
   using reader = new ReplyReader(socket.fd);
-  // The broker answers at once, with the pair or a HELLO; after a HELLO the partner may be
-  // far off.
-  let soon = true;
+  // The broker answers at once, with the pair or a HELLO, and a request just sent cannot
+  // have its answer yet: wait first, sparing a recvmsg that would find EAGAIN. After a
+  // HELLO, the partner may be far off.
+  await abortable(socket.readiness.readable(true), signal);
   let hello = false;
   for (;;) {
     const message = reader.read(path);
     if (message === "again") {
-      await abortable(socket.readiness.readable(soon), signal);
-      soon = false;
+      await abortable(socket.readiness.readable(), signal);
       continue;
     }
     if (message === "end") {
