@@ -12,8 +12,9 @@
  * `--allow-ffi`. Run as a program, this module is the `one-socket` command
  * (`broker`, `pair`, `ctl`, `help`, `--version`), loaded only then.
  *
- * Sub-modules: `./protocol` (the v1 wire format, pure), `./policy` (TOML
- * access rules for an embedded broker), `./control` (its HTTP control API).
+ * Sub-modules: `./protocol` and `./protocol/v2` (the wire formats, pure),
+ * `./policy` (TOML access rules for an embedded broker), `./control` (its
+ * HTTP control API).
  *
  * @example Pair two peers through a broker
  * ```ts
