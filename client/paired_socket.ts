@@ -11,12 +11,12 @@ import type { Socket } from "node:net";
 import { Errno, OsError } from "../ffi/errors.ts";
 import {
   closeDescriptor as releaseDescriptor,
+  nextMessageLength,
   readInto,
   sendFrom,
   setNonblocking,
   shutdownWrite,
   UnixSocket,
-  unreadBytes,
 } from "../ffi/socket.ts";
 import type { SocketType } from "./protocol_v2.ts";
 
@@ -82,11 +82,8 @@ export interface PairedSocketOptions {
 /** {@link Peer}, as this module updates it: its pidfd reads -1 once closed. */
 type OwnedPeer = { -readonly [K in keyof Peer]: Peer[K] };
 
-// Messages that arrive while nothing was queued are read here first (reads are synchronous,
-// so one serves every socket): FIONREAD could not size them, and a buffer too short would
-// cut them. 256 KiB holds the longest message a default-sized sender can queue.
-const MESSAGE_SCRATCH_SIZE = 256 * 1024;
-let messageScratch: Uint8Array<ArrayBuffer> | undefined;
+// Where an empty datagram is read: a read of 0 bytes would leave it queued.
+const emptyMessage = new Uint8Array(1);
 
 /**
  * One end of the socketpair the broker created: a connected Unix socket
@@ -313,26 +310,22 @@ export class PairedSocket implements Disposable, AsyncDisposable {
   /** One message if one is queued, null at end (seqpacket), undefined for nothing yet. */
   #receiveNow(buffer: Uint8Array<ArrayBuffer> | undefined): Uint8Array | null | undefined {
     const fd = this.#open("receive");
-    // dgram: the next message's length; seqpacket: all queued messages' (at least the next's).
-    const queued = unreadBytes(fd);
-    let target: Uint8Array<ArrayBuffer>;
-    if (queued > 0 && buffer !== undefined && buffer.length >= queued) target = buffer;
-    else if (queued > MESSAGE_SCRATCH_SIZE || (queued > 0 && this.type === "dgram")) {
-      target = new Uint8Array(queued);
-    } else target = messageScratch ??= new Uint8Array(MESSAGE_SCRATCH_SIZE);
+    // The next message's exact length, so that it is read whole into a buffer that holds it.
+    const length = nextMessageLength(fd);
+    if (length === -Errno.EAGAIN) return undefined;
+    if (length < 0) {
+      if (length === -Errno.ECONNRESET && this.type === "seqpacket") return null;
+      throw new OsError("recv", -length);
+    }
+    if (length === 0 && this.type === "seqpacket") return null;
+    const target = length === 0
+      ? emptyMessage
+      : buffer !== undefined && buffer.length >= length
+      ? buffer
+      : new Uint8Array(length);
     const count = readInto(fd, target);
-    if (count === -Errno.EAGAIN) return undefined;
-    if (count === 0 && this.type === "seqpacket") return null;
-    if (count < 0) {
-      if (count === -Errno.ECONNRESET && this.type === "seqpacket") return null;
-      throw new OsError("recv", -count);
-    }
-    if (target !== messageScratch) return target.subarray(0, count);
-    if (buffer !== undefined && count <= buffer.length) {
-      buffer.set(target.subarray(0, count));
-      return buffer.subarray(0, count);
-    }
-    return target.slice(0, count);
+    if (count < 0) throw new OsError("recv", -count);
+    return target === emptyMessage ? new Uint8Array(0) : target.subarray(0, count);
   }
 
   /**

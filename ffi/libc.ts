@@ -36,6 +36,8 @@ const symbols = {
   sendmsg: { parameters: ["i32", "buffer", "i32"], result: "i32" },
   // ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
   recvmsg: { parameters: ["i32", "buffer", "i32"], result: "i32" },
+  // ssize_t recv(int fd, void *buf, size_t len, int flags)
+  recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "i32" },
   // ssize_t send(int fd, const void *buf, size_t len, int flags)
   send: { parameters: ["i32", "buffer", "usize", "i32"], result: "i32" },
   // ssize_t sendto(int fd, const void *buf, size_t len, int flags,
@@ -206,6 +208,12 @@ export const SCM_RIGHTS = 1;
 export const MSG_NOSIGNAL = 0x4000;
 /** `MSG_CMSG_CLOEXEC`: received descriptors are close-on-exec from birth. */
 export const MSG_CMSG_CLOEXEC = 0x40000000;
+/** `MSG_PEEK`: look at the next message without taking it. */
+export const MSG_PEEK = 0x2;
+/** `MSG_TRUNC` (as a recv flag): return a datagram's or packet's real length, however short the buffer. */
+export const MSG_TRUNC = 0x20;
+/** `MSG_DONTWAIT`: nonblocking for this call only. */
+export const MSG_DONTWAIT = 0x40;
 /** `MSG_CTRUNC` (in msg_flags): descriptors did not fit and the kernel dropped them. */
 export const MSG_CTRUNC = 0x8;
 /** `SHUT_WR` */

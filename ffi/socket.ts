@@ -21,7 +21,10 @@ import {
   FIONREAD,
   libc,
   MSG_CMSG_CLOEXEC,
+  MSG_DONTWAIT,
   MSG_NOSIGNAL,
+  MSG_PEEK,
+  MSG_TRUNC,
   O_NONBLOCK,
   SHUT_WR,
   sizeArgument,
@@ -334,6 +337,19 @@ export function receiveMessage(fd: number, header: MessageHeader): number {
 export function readInto(fd: number, buffer: Uint8Array<ArrayBuffer>): number {
   const count = libc.read(fd, buffer, sizeArgument(buffer.length));
   return count >= 0 ? count : -errno();
+}
+
+const peekByte = new Uint8Array(1);
+
+/**
+ * The length of the next message queued on a `SOCK_SEQPACKET` or
+ * `SOCK_DGRAM` socket, left queued (`recv` with `MSG_PEEK | MSG_TRUNC`), or
+ * -errno (`EAGAIN`: none yet). On seqpacket, 0 is end of stream (or an
+ * empty message, which the kernel does not tell apart).
+ */
+export function nextMessageLength(fd: number): number {
+  const length = libc.recv(fd, peekByte, sizeArgument(1), MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT);
+  return length >= 0 ? length : -errno();
 }
 
 /** Sends from `buffer` without raising SIGPIPE: bytes sent, or -errno. */

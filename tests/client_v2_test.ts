@@ -216,6 +216,11 @@ Deno.test("seqpacket pairs keep message boundaries: whole messages in, whole mes
     await new Promise((resolve) => setTimeout(resolve, 20));
     await a.send(new Uint8Array([1]));
     assert.deepEqual(await later, new Uint8Array([1]));
+    // A long message that arrives while a receive waits with nothing queued comes whole too.
+    const laterBig = b.receive(buffer);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    await a.send(big);
+    assert.deepEqual(await laterBig, big);
     await assert.rejects(a.send(new Uint8Array(0)), RangeError);
     a.close();
     assert.equal(await b.receive(buffer), null, "the peer's close is the end");
