@@ -62,7 +62,17 @@ export interface ExecOptions {
   key: string;
   /** Put the socket on standard input and output (inetd style) instead of descriptor 3. */
   stdio?: boolean;
+  /**
+   * Without `stdio`: the program's standard input, ours by default. `null`
+   * (`/dev/null`) suits programs started for clients while we run on: in a
+   * terminal they would compete for its input, and stop on `SIGTTIN` when we
+   * run in the background.
+   */
+  stdin?: "inherit" | "null";
 }
+
+/** The variables that say who the peer is; set only from what the broker attested. */
+const PEER_VARIABLES = ["ONE_SOCKET_PEER_PID", "ONE_SOCKET_PEER_UID", "ONE_SOCKET_PEER_GID"];
 
 const SHELL = "/bin/sh";
 // Between fork and exec a Deno child runs no code of ours, so a shell does what
@@ -122,7 +132,9 @@ function exitCode(child: ChildProcess, program: string): Promise<number> {
  * descriptors 0 and 1 and no `LISTEN_*` variable is passed. Either way
  * `ONE_SOCKET_FD` names the descriptor and `ONE_SOCKET_KEY` holds the key,
  * and the program holds the socket at those descriptors only: `/bin/sh` puts
- * it in place and `exec`s the program.
+ * it in place and `exec`s the program. When the socket carries the peer's
+ * credentials (protocol v2), `ONE_SOCKET_PEER_UID`, `ONE_SOCKET_PEER_GID`
+ * and, unless the broker could not see it, `ONE_SOCKET_PEER_PID` hold them.
  *
  * The socket must not have been read or written: it reaches the program as
  * the blocking socket the broker created.
@@ -151,7 +163,17 @@ export function execOnSocket(
   delete env.LISTEN_FDS;
   delete env.LISTEN_PID;
   delete env.LISTEN_FDNAMES;
+  // Nor are the peer variables of a pair --exec we run under: they would name the wrong peer.
+  for (const name of PEER_VARIABLES) delete env[name];
   env.ONE_SOCKET_KEY = options.key;
+  const peer = socket.peer;
+  if (peer !== undefined) {
+    env.ONE_SOCKET_PEER_UID = String(peer.uid);
+    env.ONE_SOCKET_PEER_GID = String(peer.gid);
+    // The broker reports 0 for a peer in another pid namespace; a script's `kill 0` would
+    // signal its own process group, so there is no variable rather than a 0.
+    if (peer.pid !== 0) env.ONE_SOCKET_PEER_PID = String(peer.pid);
+  }
   if (options.stdio) {
     env.ONE_SOCKET_FD = "0";
   } else {
@@ -163,7 +185,7 @@ export function execOnSocket(
   try {
     const script = options.stdio ? MOVE_TO_STDIO : SET_LISTEN_PID;
     child = spawn(SHELL, ["-c", script, program, ...args], {
-      stdio: ["inherit", "inherit", "inherit", fd],
+      stdio: [options.stdin === "null" ? "ignore" : "inherit", "inherit", "inherit", fd],
       env,
     });
   } finally {

@@ -8,6 +8,7 @@
 
 import assert from "node:assert/strict";
 import denoConfig from "../deno.json" with { type: "json" };
+import { getPair } from "../client/pair.ts";
 import { connectUnix, listenUnix } from "../ffi/socket.ts";
 import {
   type Cli,
@@ -17,7 +18,9 @@ import {
   MOD,
   PERMISSIONS,
   type Scope,
+  type SpawnOptions,
   startBroker,
+  WAIT_MS,
   withScope,
 } from "./processes.ts";
 
@@ -336,6 +339,11 @@ Deno.test("cli: usage errors exit 2 with a usage message", async () => {
         /^one-socket pair: --key -k is ambiguous; write --key=-k$/m,
       ],
       [["pair", "a", "--key", "b", "--socket", socket], "Usage: one-socket pair", /one KEY/],
+      [
+        ["pair", "k", "--type", "raw", "--socket", socket],
+        "Usage: one-socket pair",
+        /^one-socket pair: invalid socket type "raw" \(expected stream, seqpacket or dgram\)$/m,
+      ],
     ];
     const results = await Promise.all(cases.map(([args]) => scope.spawn(args).finish()));
     cases.forEach(([args, usage, reason], i) => {
@@ -364,7 +372,7 @@ Deno.test("cli: --version, help and --help exit 0 on stdout", async () => {
     assert.equal(decoder.decode(version.stdout), `one-socket ${denoConfig.version}\n`);
     const helpText = decoder.decode(help.stdout);
     assert.match(helpText, /Usage: one-socket COMMAND/);
-    for (const word of ["broker", "pair", "help", "--version", "ONE_SOCKET_PATH"]) {
+    for (const word of ["broker", "pair", "serve", "help", "--version", "ONE_SOCKET_PATH"]) {
       assert.ok(helpText.includes(word), `help mentions ${word}`);
     }
     assert.match(decoder.decode(brokerHelp.stdout), /Usage: one-socket broker/);
@@ -516,4 +524,85 @@ Deno.test("cli: a socket whose owner accepts nothing is neither replaced nor mis
       pair.stderr,
       `one-socket pair: connect ${scope.socket}: EAGAIN (the broker takes no connections; gave up after 0.5 s)\n`,
     );
+  }));
+
+// --- 9. message types --------------------------------------------------------------------------
+
+/**
+ * Runs `pair` with its standard input written by `sh`: once the file $GO
+ * exists, and 0.2 s more for pair to be reading, each of `chunks` 0.3 s after
+ * the last, so that each is one read of pair's.
+ */
+function pacedPair(scope: Scope, args: string[], chunks: string[], options: SpawnOptions = {}) {
+  const writes = chunks.map((chunk) => `printf ${chunk}`).join("; sleep 0.3; ");
+  const script = `(while [ ! -e "$GO" ]; do sleep 0.05; done; sleep 0.2; ${writes}) | "$@"`;
+  return scope.spawn(["pair", ...args], {
+    ...options,
+    command: [
+      "sh",
+      "-c",
+      script,
+      "sh",
+      ...options.command ?? [Deno.execPath(), "run", ...PERMISSIONS, MOD],
+    ],
+  });
+}
+
+Deno.test("cli: pair --type seqpacket between two pair commands keeps message boundaries", () =>
+  withScope(async (scope) => {
+    await startBroker(scope);
+    const env = { GO: `${scope.dir}/go` };
+    const bridge = pacedPair(
+      scope,
+      ["packets", "--type", "seqpacket", "--socket", scope.socket],
+      ["aaa", "bbbbb", "c"],
+      { env },
+    );
+    // dd makes one read: on a seqpacket socket, one whole message. printf is one write.
+    const script = 'touch "$GO"; while n=$(dd bs=65536 count=1 <&3 2>/dev/null | wc -c); ' +
+      '[ "$n" -gt 0 ]; do echo "got $n"; done; printf 1 >&3; printf 22 >&3; printf 333 >&3';
+    const program = scope.spawn(
+      ["pair", "packets", "--type", "seqpacket", "--socket", scope.socket, "--exec", "--"].concat(
+        ["sh", "-c", script],
+      ),
+      { env, command: [Deno.execPath(), "run", ...PERMISSIONS, "--allow-run", MOD] },
+    );
+    const [bridged, ran] = await Promise.all([bridge.finish(), program.finish()]);
+    assert.equal(ran.code, 0, ran.stderr);
+    assert.equal(decoder.decode(ran.stdout), "got 3\ngot 5\ngot 1\n", "messages from pair's reads");
+    // The program's exit closed the socket: the end of stream that ended pair.
+    assert.equal(bridged.code, 0, bridged.stderr);
+    assert.equal(bridged.stderr, "");
+    assert.equal(decoder.decode(bridged.stdout), "122333");
+  }));
+
+Deno.test("cli: pair --type dgram sends each read as a datagram and ends both ways with an empty one", () =>
+  withScope(async (scope) => {
+    await startBroker(scope);
+    const go = `${scope.dir}/go`;
+    const bridge = pacedPair(
+      scope,
+      ["datagrams", "--type", "dgram", "--socket", scope.socket],
+      ["xy", "zzz"],
+      { env: { GO: go } },
+    );
+    const socket = await getPair("datagrams", {
+      socket: scope.socket,
+      type: "dgram",
+      signal: AbortSignal.timeout(WAIT_MS),
+    });
+    try {
+      assert.equal(socket.type, "dgram");
+      await Deno.writeTextFile(go, "");
+      const received = [];
+      for (let i = 0; i < 3; i++) received.push(decoder.decode((await socket.receive())!));
+      assert.deepEqual(received, ["xy", "zzz", ""], "the reads of stdin, then the empty end");
+      for (const text of ["one", "two22", ""]) await socket.send(encoder.encode(text));
+    } finally {
+      socket.close();
+    }
+    const done = await bridge.finish();
+    assert.equal(done.code, 0, done.stderr);
+    assert.equal(done.stderr, "");
+    assert.equal(decoder.decode(done.stdout), "onetwo22");
   }));

@@ -134,6 +134,29 @@ Deno.test("exec: --stdio gives an inetd-style script the socket as stdin and std
   });
 });
 
+Deno.test("exec: from a v2 broker, the program finds the peer's pid, uid and gid", () =>
+  withBrokerAndScope(async (path, scope) => {
+    const script = 'echo "$ONE_SOCKET_PEER_PID $ONE_SOCKET_PEER_UID $ONE_SOCKET_PEER_GID" >&3';
+    // Variables of a pair --exec or serve that we run under must not pass for our peer's.
+    const env = { ONE_SOCKET_PEER_PID: "1", ONE_SOCKET_PEER_UID: "12345" };
+    const service = pair(scope, ["who", "--socket", path, "--exec", "--", "sh", "-c", script], {
+      env,
+    });
+    const socket = await peer(path, "who");
+    try {
+      assert.equal(socket.protocol, 2);
+      // The peer is this process: the broker saw its connect.
+      assert.equal(
+        await new Response(socket.readable).text(),
+        `${Deno.pid} ${Deno.uid()} ${Deno.gid()}\n`,
+      );
+    } finally {
+      socket.close();
+    }
+    const done = await service.finish();
+    assert.equal(done.code, 0, done.stderr);
+  }));
+
 for (const [mode, flags, expected] of [["--stdio", ["--stdio"], "0 1"], ["fd 3", [], "3"]]) {
   Deno.test(`exec (${mode}): the program holds the socket at ${expected} only, so closing them ends the stream`, () =>
     withBrokerAndScope(async (path, scope) => {
