@@ -1,5 +1,6 @@
 /**
- * The `one-socket` command: `broker`, `pair`, `ctl`, `help` and `--version`.
+ * The `one-socket` command: `broker`, `pair`, `serve`, `ctl`, `help` and
+ * `--version`.
  * `mod.ts` loads this module only when it runs as the program, so library
  * users load no command-line code.
  *
@@ -10,6 +11,7 @@ import denoConfig from "../deno.json" with { type: "json" };
 import { runBroker } from "./cli.ts";
 import { runCtl } from "./ctl.ts";
 import { runPair } from "../client/cli.ts";
+import { runServe } from "../client/serve.ts";
 import { EXIT_USAGE } from "../client/command_line.ts";
 
 const USAGE = `Usage: one-socket COMMAND [OPTIONS]
@@ -17,6 +19,7 @@ const USAGE = `Usage: one-socket COMMAND [OPTIONS]
 Commands:
   broker   run the SocketPair broker on a Unix socket
   pair     get the socket paired on a key: bridge it to stdin/stdout, or run a program on it
+  serve    listen on a key and run a program for every peer, on its own socket
   ctl      ask a running broker (status, clients, kick, metrics) over its control socket
   help     show this help (or: one-socket COMMAND --help)
 
@@ -45,6 +48,8 @@ export function main(args: string[]): Promise<number> {
       return runBroker(rest);
     case "pair":
       return runPair(rest);
+    case "serve":
+      return runServe(rest);
     case "ctl":
       return runCtl(rest);
     case "--version":

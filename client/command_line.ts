@@ -141,6 +141,25 @@ export async function runCommand(
   }
 }
 
+/**
+ * A whole number from 1 to `max` from a flag's text; a {@link UsageError}
+ * otherwise.
+ *
+ * @example
+ * ```ts
+ * import { wholeNumber } from "./command_line.ts";
+ * console.log(wholeNumber("--max", "8")); // 8
+ * ```
+ */
+export function wholeNumber(flag: string, text: string, max = Number.MAX_SAFE_INTEGER): number {
+  const value = Number(text);
+  if (!Number.isSafeInteger(value) || value < 1 || value > max) {
+    const range = max === Number.MAX_SAFE_INTEGER ? "from 1 up" : `from 1 to ${max}`;
+    throw new UsageError(`${flag} takes a whole number ${range}, not ${text}`);
+  }
+  return value;
+}
+
 /** A positive number of seconds from a flag's text; a {@link UsageError} otherwise. */
 export function seconds(flag: string, text: string): number {
   const value = Number(text);
