@@ -6,8 +6,8 @@
  *   request (dbus-daemon's anchor: 64) and `maxWaitingPerUid` waiting; both
  *   can be set for single uids.
  * - At capacity, a newcomer that must stay takes the place of the oldest
- *   connection of the uid holding the most, unless that is its own uid: one
- *   uid can fill the broker only until another uid comes.
+ *   connection of the uid holding the most (its listeners last), unless that
+ *   is its own uid: one uid can fill the broker only until another uid comes.
  *
  * A request that pairs at once is never refused for a limit: it frees
  * capacity rather than taking it.
@@ -157,11 +157,23 @@ export class Admission {
     const heaviest: UidAccount | undefined = this.#table.heaviest();
     const own = newcomer.account;
     if (heaviest === undefined || heaviest === own || own === undefined) return newcomer;
-    return heaviest.held > own.held ? heaviest.oldest! : newcomer;
+    return heaviest.held > own.held ? oldestShed(heaviest) : newcomer;
   }
 
   /** Whether the table holds more than the capacity. */
   get overCapacity(): boolean {
     return this.#table.size > this.capacity;
   }
+}
+
+/**
+ * The connection of `account` to shed first: its oldest, passing over its
+ * listeners (at most `maxListenersPerUid` of them) while it holds anything
+ * else, since a listener serves many clients and a waiter one.
+ */
+function oldestShed(account: UidAccount): Connection {
+  for (let held = account.oldest; held !== undefined; held = held.newerOfUid) {
+    if (held.registration === undefined) return held;
+  }
+  return account.oldest!;
 }

@@ -730,8 +730,17 @@ export class Broker implements AsyncDisposable {
         continue;
       }
       const outcome = this.#pair(partner, connection, now, frame, keyOffset, keyLength);
+      if (outcome === Delivered.PartnerGone) {
+        this.#table.close(partner);
+        continue;
+      }
+      if (outcome === Delivered.Failed) {
+        // Both start over; a v2 side that got no SET_PAIR is told why.
+        const reason = "delivery_failed";
+        if (this.#delivery.failedSide !== connection) this.#delivery.refuse(partner, reason);
+        this.#delivery.refuse(connection, reason);
+      }
       this.#table.close(partner);
-      if (outcome === Delivered.PartnerGone) continue;
       this.#table.close(connection);
       return;
     }
@@ -773,7 +782,7 @@ export class Broker implements AsyncDisposable {
     }
     if (outcome === Delivered.Failed) {
       this.metrics.countDrop("delivery_failed");
-      this.#warn("delivery", "no pair for key {key}: {failure}; closed clients {a} and {b}", {
+      this.#warn("delivery", "no pair for key {key} between clients {a} and {b}: {failure}", {
         key: `"${describeKey(bytes.subarray(keyOffset, keyOffset + keyLength))}"`,
         failure: this.#delivery.failure,
         a: first.id,
@@ -831,9 +840,9 @@ export class Broker implements AsyncDisposable {
     this.#close(connection, error.message);
   }
 
-  /** Closes a client, telling a v2 one why first: v1 has no word for it. */
+  /** Closes a client, telling a v2 one why first. */
   #close(connection: Connection, reason: string): void {
-    if (connection.hearsReasons) this.#delivery.sendRefused(connection, reason);
+    this.#delivery.refuse(connection, reason);
     this.#table.close(connection);
   }
 

@@ -141,8 +141,13 @@ export class Delivery {
     return sendFrom(connection.fd, this.#hello) === HELLO_SIZE;
   }
 
-  /** Tells a v2 client why it is about to be closed; best effort, as it may be gone. */
-  sendRefused(connection: Connection, reason: string): void {
+  /**
+   * Tells a client why it is about to be closed, if it hears reasons (a v2
+   * client whose request was valid; v1 has no word for it). Best effort: it
+   * may be gone.
+   */
+  refuse(connection: Connection, reason: string): void {
+    if (!connection.hearsReasons) return;
     sendFrom(connection.fd, encodeRefused(reason) as Uint8Array<ArrayBuffer>);
   }
 

@@ -21,8 +21,9 @@ import type { Matcher } from "./matcher.ts";
 /** Backlog granted to a `LISTEN` that leaves it to the broker. */
 export const DEFAULT_BACKLOG = 16;
 /**
- * Most connections in flight to one listener: each is a descriptor the
- * kernel counts against the broker's own limit until the listener reads it.
+ * Most connections in flight to one listener (half as many with pidfds):
+ * each is a descriptor the kernel counts against the broker's own limit
+ * until the listener reads it.
  */
 export const MAX_BACKLOG = 64;
 
@@ -99,9 +100,9 @@ export class Listeners {
     requestedBacklog: number,
     now: number,
   ): boolean {
-    const backlog = requestedBacklog === 0
-      ? DEFAULT_BACKLOG
-      : Math.min(requestedBacklog, MAX_BACKLOG);
+    // With pidfds every delivery carries two descriptors: half as many keep the same bound.
+    const most = connection.wantsPidfd ? MAX_BACKLOG / 2 : MAX_BACKLOG;
+    const backlog = Math.min(requestedBacklog === 0 ? DEFAULT_BACKLOG : requestedBacklog, most);
     const key = frame.slice(keyOffset, keyOffset + keyLength);
     connection.registration = new Registration(key, mode, connection.socketType, scope, backlog);
     connection.received = 0; // from now on, bytes of the CREDIT being read
@@ -115,36 +116,34 @@ export class Listeners {
   }
 
   /**
-   * Hands `newcomer` to `listener`, which the matcher just returned for it.
-   * Returns false when the listener turned out to be gone (it is closed
-   * then), so that the newcomer can be matched again.
+   * Hands `newcomer` to `listener`, which the matcher just returned for it,
+   * the listener first. Returns false when the listener turned out to be
+   * gone (it is closed then), so that the newcomer can be matched again.
    */
   serve(listener: Connection, newcomer: Connection, now: number): boolean {
-    const registration = listener.registration!;
-    const outcome = this.#pair(listener, newcomer, now, registration.key);
+    const outcome = this.#pair(listener, newcomer, now, listener.registration!.key);
     if (outcome === Delivered.PartnerGone) {
       this.#table.close(listener);
       return false;
     }
-    this.#table.close(newcomer);
-    this.#settle(listener, outcome);
+    if (outcome === Delivered.Paired) {
+      this.#table.close(newcomer);
+      this.#spend(listener);
+    } else this.#failed(listener, newcomer);
     return true;
   }
 
   /**
-   * After a delivery to `listener` (closed or not): spends its credit if it
-   * got its end, closes it if sending to it failed. Returns whether it is
-   * still open.
+   * After a delivery that failed (no pair made, or a send failed for a
+   * reason other than the receiver having left): the client is told and
+   * closed; the listener keeps its registration, and its credit unless it
+   * was sent its end. A send to a listener failing so is the broker's
+   * trouble (descriptors in flight past its limit, say), not the listener's.
    */
-  #settle(listener: Connection, outcome: Delivered): boolean {
-    const failed = outcome === Delivered.Failed ? this.#delivery.failedSide : undefined;
-    if (failed === listener) {
-      this.#table.close(listener);
-      return false;
-    }
-    // Failed on the other side: the listener got its end, which sees end of stream at once.
-    if (outcome === Delivered.Paired || failed !== undefined) this.#spend(listener);
-    return true;
+  #failed(listener: Connection, client: Connection): void {
+    this.#delivery.refuse(client, "delivery_failed");
+    this.#table.close(client);
+    if (this.#delivery.failedSide === client) this.#spend(listener);
   }
 
   /**
@@ -189,20 +188,32 @@ export class Listeners {
     return undefined;
   }
 
-  /** Serves the requests waiting for the listener's key while it has credit, then files it. */
+  /**
+   * Serves the requests waiting for the listener's key while it has credit,
+   * oldest first, then files it. The listener is sent its end first: if it
+   * has gone, the request keeps its place; if the delivery fails otherwise,
+   * the request is closed as a failed pairing is.
+   */
   #serveWaiting(listener: Connection, now: number): void {
     const registration = listener.registration!;
     const { key, mode, scope, type } = registration;
     while (registration.credit > 0) {
-      const request = this.#matcher.takeRequest(key, 0, key.length, mode, scope, type);
+      const request = this.#matcher.oldestRequest(key, 0, key.length, mode, scope, type);
       if (request === undefined) break;
-      // The request may have left long ago: it is sent its end first.
-      const outcome = this.#pair(request, listener, now, key);
-      this.#table.close(request);
-      if (outcome === Delivered.PartnerGone) continue;
-      if (!this.#settle(listener, outcome)) return;
-      // No pair could be made (out of descriptors, say): the next request would fare no better.
-      if (outcome === Delivered.Failed && this.#delivery.failedSide === undefined) break;
+      const outcome = this.#pair(listener, request, now, key);
+      if (outcome === Delivered.PartnerGone) {
+        this.#table.close(listener);
+        return;
+      }
+      if (outcome === Delivered.Paired) {
+        this.#table.close(request);
+        this.#spend(listener);
+        continue;
+      }
+      const nothingSent = this.#delivery.failedSide !== request;
+      this.#failed(listener, request);
+      // No pair could be made, or the send to the listener failed: the next would fare no better.
+      if (nothingSent) break;
     }
     if (registration.credit > 0 && !listener.isWaiting) {
       this.#matcher.listen(listener, key, 0, key.length, mode, scope, type);

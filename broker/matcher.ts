@@ -518,7 +518,9 @@ export class Matcher<T extends Waiting> {
 
   /**
    * The oldest one-shot request a listener with this key, mode, scope and
-   * type would serve, removed from the table; nothing is filed if none waits.
+   * type would serve, left filed: the caller delivers it first, then
+   * {@link Waiting.stopWaiting stops} its wait (closing it does), so that a
+   * delivery that fails on the listener's side loses the request nothing.
    *
    * @param bytes A buffer holding the listener's key; not retained.
    * @param offset Where in `bytes` the key starts.
@@ -526,7 +528,7 @@ export class Matcher<T extends Waiting> {
    * @param mode The listener's mode; requests in its peer mode match.
    * @param scope The key's scope; default {@link NO_SCOPE}.
    * @param type The socket type's wire value; default 0.
-   * @returns The request, no longer waiting, or `undefined`.
+   * @returns The request, still waiting, or `undefined`.
    *
    * @example Usage
    * ```ts
@@ -537,11 +539,12 @@ export class Matcher<T extends Waiting> {
    * const matcher = new Matcher<Waiting>();
    * const client = new Waiting();
    * matcher.take(client, key, 0, 2, "client");
-   * assert.equal(matcher.takeRequest(key, 0, 2, "server"), client);
-   * assert.equal(matcher.takeRequest(key, 0, 2, "server"), undefined);
+   * assert.equal(matcher.oldestRequest(key, 0, 2, "server"), client);
+   * client.stopWaiting();
+   * assert.equal(matcher.oldestRequest(key, 0, 2, "server"), undefined);
    * ```
    */
-  takeRequest(
+  oldestRequest(
     bytes: Uint8Array,
     offset: number,
     length: number,
@@ -551,18 +554,14 @@ export class Matcher<T extends Waiting> {
   ): T | undefined {
     const peers = this.#table(this.#listeners, mode, type).peer;
     const hash = this.#hash(bytes, offset, length, scope, this.#seed0, this.#seed1);
-    const queue = find(peers, hash, bytes, offset, length, scope);
-    if (queue === undefined) return undefined;
-    const request = queue.head!;
-    unlink(request);
-    return request as T;
+    return find(peers, hash, bytes, offset, length, scope)?.head as T | undefined;
   }
 
   /**
    * Files `item` as a listener on a key: {@link take} then hands it
    * compatible requests, in turn with the key's other listeners, until it
    * {@link Waiting.stopWaiting stops}. Requests already waiting are not
-   * matched here: take them with {@link takeRequest} first.
+   * matched here: serve them from {@link oldestRequest} first.
    *
    * @param item The listener; it must not be filed already.
    * @param bytes A buffer holding the key; not retained.

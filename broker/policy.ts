@@ -15,12 +15,12 @@
  * uids = [0]                   # uids and/or gids; neither means anyone
  * gids = [107]
  * cross_uid = true             # with --isolate-uids: may pair across uids
- * listen = true                # also covers v2 listeners (by default a rule does not)
+ * listen = true                # this allow also lets the principals listen (v2)
  * ```
  *
- * Listening (protocol v2) claims every client of a key, so a rule covers
- * `LISTEN` requests only when it says `listen = true`; without such a rule
- * matching, a listener is denied.
+ * Listening (protocol v2) claims every client of a key, so an `allow` rule
+ * covers `LISTEN` requests only when it says `listen = true`; a `deny` rule
+ * covers them always. Without an allow that says so, a listener is denied.
  *
  * The same structure in JSON: `{ "rules": [{ "action": "allow", … }] }`.
  * Principals are the peer's uid and primary gid from `SO_PEERCRED`.
@@ -55,7 +55,7 @@ export interface PolicyRule {
   gids?: number[];
   /** With `--isolate-uids`: matching keys may pair across uids. */
   cross_uid?: boolean;
-  /** Whether it also covers listeners (protocol v2 `LISTEN`); default false. */
+  /** For an `allow`: whether it also lets listeners (protocol v2 `LISTEN`) in; default false. A `deny` always covers them. */
   listen?: boolean;
 }
 
@@ -249,7 +249,8 @@ export class AccessPolicy {
     const listen = request.listen === true;
     for (const rule of this.#rules) {
       // A rule needs all to match, so the order is free: the cheap checks go first.
-      if (listen && !rule.listen) continue;
+      // Listening needs an allow that says so; a deny applies to listening too.
+      if (listen && rule.allow && !rule.listen) continue;
       if (!rule.modes.has(mode)) continue;
       const anyone = rule.uids === undefined && rule.gids === undefined;
       if (!anyone && !rule.uids?.has(uid) && !rule.gids?.has(gid)) continue;

@@ -8,10 +8,9 @@
  * with `pidfd_getfd(2)`, so that the broker sees that uid (and that pid) in
  * `SO_PEERCRED` while the test speaks through it like any raw client.
  *
- * Tests that expose a bug are marked `ignore: true` with a `// BUG:` comment
- * saying what is wrong, the fix suggested and the assertion that fails; the
- * comment after `ignore` gives the condition to run them under once fixed.
- * Every other test passes and holds an attack off.
+ * Each test holds an attack off; those for bugs the review found (since fixed)
+ * say so in their comment. Tests that need root (a second uid, a broker
+ * stripped of capabilities) are skipped without it.
  *
  * @module
  */
@@ -20,6 +19,7 @@ import assert from "node:assert/strict";
 import type { Broker } from "../broker/broker.ts";
 import { encodeGetPair, encodeSetPair as encodeSetPairV1, type Mode } from "../client/protocol.ts";
 import {
+  decodeRefused,
   decodeReply,
   encodeCredit,
   encodeRequest,
@@ -727,18 +727,11 @@ Deno.test("leaving: clients queued behind a spent listener that leaves go to a o
     [...queued, next].forEach((c) => c[Symbol.dispose]());
   }));
 
-// BUG: a listener whose CREDIT is read together with its hang-up is served a waiting client
-// all the same: Listeners#serveWaiting sends the waiting request its end first, and only then
-// finds the listener gone (EPIPE, failedSide = listener). The oldest queued client gets a
-// SET_PAIR naming the dead listener and a socket already at end of stream, and is closed,
-// instead of staying queued for the next listener (serve() tries the listener first and
-// rematches the newcomer; #serveWaiting should too). A listener of the key can thus take one
-// waiting client down with it per hang-up. Fails at "the oldest queued client went to the
-// listener that had left".
+// A listener whose CREDIT is read together with its hang-up: the broker sends the listener its
+// end first, finds it gone, and the oldest queued client keeps its place for the next listener.
 Deno.test({
   name:
     "leaving: a listener that hangs up right after its CREDIT takes no queued client down with it",
-  ignore: true,
   fn: () =>
     withBroker(async (broker, path) => {
       const { raw: leaving } = await listen(path, "eaten", { mode: "server", backlog: 2 });
@@ -833,15 +826,10 @@ Deno.test({
     }),
 });
 
-// BUG: with pidfds asked for, every delivery to a listener carries two descriptors, so a
-// listener that stops reading holds twice its backlog in flight: 128 for the largest backlog,
-// 2048 for one uid's 16 listeners, where docs/security.md ("holds 64 descriptors", "at most
-// 1024 descriptors in flight through listeners") and the `maxListenersPerUid` doc promise half.
-// Count a pidfd delivery as two credits (or grant at most 32 with pidfds), or fix the promise.
-// Fails at "descriptors in flight to one stalled listener: 128".
+// With pidfds asked for, every delivery to a listener carries two descriptors: the broker
+// grants at most half the backlog, so a listener that stops reading still holds at most 64.
 Deno.test({
   name: "pidfd: a stalled listener asking pidfds holds no more than 64 descriptors in flight",
-  ignore: true,
   fn: () =>
     withBroker(async (broker, path) => {
       const { raw: stalled, backlog } = await listen(path, "stalled-pidfd", {
@@ -849,12 +837,12 @@ Deno.test({
         backlog: 64,
         pidfd: true,
       });
-      assert.equal(backlog, 64);
+      assert.equal(backlog, 32, "half the backlog: two descriptors per delivery");
       const clients: RawClient[] = [];
       for (let i = 0; i < 70; i++) clients.push(await v1(path, "stalled-pidfd", "client"));
-      await eventually(() => broker.stats.waiting === 6, "all but the backlog to wait");
+      await eventually(() => broker.stats.waiting === 38, "all but the backlog to wait");
       let inFlight = 0;
-      for (let i = 0; i < 64; i++) {
+      for (let i = 0; i < 32; i++) {
         const served = await expectSetPair(stalled);
         inFlight += served.descriptors.length;
         closeAll(served);
@@ -1228,16 +1216,11 @@ Deno.test({
   },
 });
 
-// BUG: a deny rule without `listen = true` does not apply to LISTEN requests (AccessPolicy.decide
-// skips every rule without it for a LISTEN), so a later allow rule with `listen = true` lets the
-// very uid the deny rule names listen on the denied keys, and so receive every client of them
-// with its credentials: the deny rule of docs/operations.md (`deny prefix "vhost-" uids [666]`)
-// followed by any `allow … listen = true` that covers vhost-* lets uid 666 take every vhost
-// client. `listen = true` should be needed to *allow* listening, never to deny it (skip only
-// allow rules without it). Fails at "nobody's LISTEN on a key denied to nobody".
+// A deny rule applies to LISTEN requests too; only an allow needs `listen = true`. (Found in
+// review: a deny rule once skipped listeners, so a later allow let the denied uid listen.)
 Deno.test({
   name: "policy: a deny rule naming a uid keeps that uid from listening on the keys too",
-  ignore: true, // once fixed: otherUidMissing !== undefined
+  ignore: false, // once fixed: otherUidMissing !== undefined
   fn: async () => {
     const { AccessPolicy } = await import("../broker/policy.ts");
     const policy = AccessPolicy.parse(
@@ -1414,17 +1397,12 @@ async function hoard(path: string, broker: Cli): Promise<RawClient[]> {
   return hoarded;
 }
 
-// BUG: Listeners#serveWaiting spends a listener's credit when the send to the *waiting request*
-// fails (#settle counts any failedSide but the listener as "the listener got its end"), though
-// the request is sent first and the listener is then sent nothing. The listener, which credits
-// only what it receives, has lost that credit for good: a backlog-1 listener is starved forever
-// once the hoarding that caused the failure is over. Spend the credit only when the listener's
-// own send succeeded (failedSide === the second, i.e. the request, in serve(); never in
-// #serveWaiting, where the request is first). Fails at "the listener is served again".
+// A failed send to a waiting client costs the listener serving it a credit only if the listener
+// was sent its end; the queued client hears delivery_failed, and the listener is served again.
 Deno.test({
   name:
     "in flight: a send to a waiting client failing with ETOOMANYREFS costs the listener serving it no credit",
-  ignore: true, // once fixed: !ROOT
+  ignore: !ROOT,
   fn: () =>
     withScope(async (scope) => {
       const broker = await brokerWithoutCapabilities(scope);
@@ -1439,7 +1417,12 @@ Deno.test({
       listener.send(credit(1));
       const lost = await readMessage(queued);
       lost?.descriptors.forEach(closeDescriptor);
-      assert.equal(lost, undefined, "the queued client, closed: no pair could be sent to it");
+      assert.equal(
+        lost && decodeReply(lost.bytes).request === "refused" ? decodeRefused(lost.bytes) : lost,
+        "delivery_failed",
+        "the queued client, told and closed: no pair could be sent",
+      );
+      assert.equal(await readMessage(queued), undefined);
       hoarded.forEach((c) => c[Symbol.dispose]());
       await sleep(200);
       // Nothing is in flight any more; the listener has received 1 and credited 1.
@@ -1452,17 +1435,12 @@ Deno.test({
     }),
 });
 
-// BUG: when a send to a listener fails for a reason that is not the listener's (ETOOMANYREFS:
-// descriptors that some other client leaves unread exceed the broker's limit), the broker
-// closes the listener (Listeners#settle closes any failedSide listener). Any uid that can pair
-// with itself can hoard descriptors for a moment and so disconnect every listener of every
-// user on the next client each gets. Keep a listener whose send failed with anything but
-// EPIPE/ECONNRESET/ENOTCONN (its credit unspent) and refuse the client with delivery_failed.
-// Fails at "the listener stays registered".
+// A send to a listener failing for the broker's reason (ETOOMANYREFS, descriptors others leave
+// unread) refuses that client with delivery_failed and keeps the listener and its credit.
 Deno.test({
   name:
     "in flight: a hoarder making sends fail with ETOOMANYREFS does not disconnect other users' listeners",
-  ignore: true, // once fixed: !ROOT
+  ignore: !ROOT,
   fn: () =>
     withScope(async (scope) => {
       const broker = await brokerWithoutCapabilities(scope);
@@ -1481,15 +1459,11 @@ Deno.test({
     }),
 });
 
-// BUG: docs/protocol-v2.md lists `delivery_failed` among the REFUSED reasons, but no v2 client
-// ever hears it: when a pair cannot be sent (ETOOMANYREFS here), Broker#pairOrWait and
-// Listeners#serveWaiting close both clients through ConnectionTable.close, which says nothing,
-// so a v2 client sees a bare end of stream after its HELLO — which the spec reserves for "the
-// broker stopped". Close them through Broker#close(connection, "delivery_failed") (the one that
-// got no SET_PAIR at least). Fails at "the waiting v2 client is told why".
+// v2 clients whose pair could not be sent hear REFUSED delivery_failed, not a bare end of stream
+// (which means the broker stopped).
 Deno.test({
   name: "in flight: v2 clients whose pair could not be sent hear REFUSED delivery_failed",
-  ignore: true, // once fixed: !ROOT
+  ignore: !ROOT,
   fn: () =>
     withScope(async (scope) => {
       const broker = await brokerWithoutCapabilities(scope);
@@ -1644,19 +1618,12 @@ Deno.test("racing: two LISTENs in one turn while ten clients wait share them, ol
     [...waiters, ...racers].forEach((c) => c[Symbol.dispose]());
   }));
 
-// BUG (low; a design choice to revisit): at capacity the broker sheds the *oldest* counted
-// connection of the uid holding the most, and a service's listener, registered at its start,
-// is its uid's oldest whenever waiting connections are counted from the start (any per-uid
-// waiting limit: --max-waiting-per-uid, --uid-limit) or the listener registered once the
-// broker was three quarters full. Once that uid also holds a few waiting requests, the next
-// newcomer of another uid disconnects the service's listener (REFUSED shed) rather than one of
-// the uid's one-shot waiters; without a policy the other uid can then listen on the freed key
-// itself. Shed a uid's listeners only when it holds nothing else (or file a listener as its
-// uid's newest). Fails at "a waiter of root's is shed, not its listener".
+// At capacity the broker sheds the heaviest uid's oldest connection, passing over its listeners
+// while it holds anything else: a service's listener is not what a newcomer pushes out.
 Deno.test({
   name:
     "capacity: shedding the heaviest uid takes one of its waiters, not the listener it registered first",
-  ignore: true, // once fixed: otherUidMissing !== undefined
+  ignore: false, // once fixed: otherUidMissing !== undefined
   fn: () =>
     withBroker(async (broker, path) => {
       await openToOthers(path);
