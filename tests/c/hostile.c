@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <stdint.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -115,6 +116,8 @@ static int hoard(int n, const char *key) {
 
 int main(int argc, char **argv) {
   if (argc < 3) { fprintf(stderr, "usage: hostile SOCKET_PATH MODE ...\n"); return 2; }
+  /* The broker may refuse a connection between its connect and its write: the attack goes on. */
+  signal(SIGPIPE, SIG_IGN);
   strncpy(address.sun_path, argv[1], sizeof address.sun_path - 1);
   serial = (unsigned long)getpid() << 20;
   if (strcmp(argv[2], "hold") == 0 && argc == 5) return keep(atoi(argv[3]), argv[4]);
