@@ -427,7 +427,7 @@ export class Broker implements AsyncDisposable {
     const open = this.#table.size;
     // No REFUSED: a client seeing end of stream after its HELLO knows the broker stopped.
     for (const connection of this.#table.values()) this.#table.close(connection);
-    this.#logLimit.report(Infinity, this.#reportHeldBack);
+    this.#logLimit.report(performance.now(), this.#reportHeldBack, true);
     logger.info("stopped listening on {path}; closed {open} client connections", {
       path: this.path,
       open,

@@ -25,6 +25,7 @@ import {
   seconds,
   stderrReporter,
   UsageError,
+  wholeNumber,
 } from "../client/command_line.ts";
 import { guardFallbackDirectory, resolveSocketPath } from "../client/socket_path.ts";
 import { countOpenDescriptors, raiseDescriptorLimit } from "../ffi/process.ts";
@@ -159,14 +160,6 @@ function descriptorReserve(limit: number): number {
   return Math.min(64, Math.floor(limit / 4));
 }
 
-function count(flag: string, text: string): number {
-  const value = Number(text);
-  if (!Number.isSafeInteger(value) || value < 1) {
-    throw new UsageError(`${flag} takes a whole number from 1 up, not ${text}`);
-  }
-  return value;
-}
-
 /** `--uid-limit UID:WAITING[:INCOMPLETE]`. */
 function parseUidLimit(text: string): [number, UidLimits] {
   const [uid, waiting, incomplete, ...rest] = text.split(":");
@@ -177,8 +170,8 @@ function parseUidLimit(text: string): [number, UidLimits] {
     throw new UsageError(`${flag}: expected UID:WAITING[:INCOMPLETE], e.g. 107:5000:128`);
   }
   return [Number(uid), {
-    maxWaiting: waiting === "unlimited" ? Infinity : count(flag, waiting),
-    maxIncomplete: incomplete === undefined ? undefined : count(flag, incomplete),
+    maxWaiting: waiting === "unlimited" ? Infinity : wholeNumber(flag, waiting),
+    maxIncomplete: incomplete === undefined ? undefined : wholeNumber(flag, incomplete),
   }];
 }
 
@@ -189,7 +182,7 @@ function parseUidLimit(text: string): [number, UidLimits] {
 function controlConnectionLimit(descriptors: number, flag?: string): number {
   const most = Math.floor(descriptorReserve(descriptors) / 2);
   if (flag === undefined) return Math.max(1, Math.min(DEFAULT_CONTROL_CONNECTIONS, most));
-  const wanted = count("--control-max-connections", flag);
+  const wanted = wholeNumber("--control-max-connections", flag);
   if (wanted > most) {
     throw new UsageError(
       `--control-max-connections ${wanted} is more than half the ${
@@ -260,15 +253,15 @@ export function runBroker(args: string[]): Promise<number> {
     const perUid = values["max-waiting-per-uid"];
     const maxWaitingPerUid = perUid === undefined
       ? undefined
-      : count("--max-waiting-per-uid", perUid);
+      : wholeNumber("--max-waiting-per-uid", perUid);
     const incomplete = values["max-incomplete-per-uid"];
     const maxIncompletePerUid = incomplete === undefined
       ? undefined
-      : count("--max-incomplete-per-uid", incomplete);
+      : wholeNumber("--max-incomplete-per-uid", incomplete);
     const listeners = values["max-listeners-per-uid"];
     const maxListenersPerUid = listeners === undefined
       ? undefined
-      : count("--max-listeners-per-uid", listeners);
+      : wholeNumber("--max-listeners-per-uid", listeners);
     const uidLimits = values["uid-limit"] === undefined
       ? undefined
       : new Map(values["uid-limit"].map(parseUidLimit));

@@ -68,10 +68,14 @@ export class LogLimit {
     return false;
   }
 
-  /** Calls `say` for every cause whose window has ended with lines held back, and forgets them. */
-  report(now: number, say: DroppedReport): void {
+  /**
+   * Calls `say` for every cause whose window has ended with lines held back,
+   * and forgets them; with `all` (at shutdown), for every cause, its window
+   * ended or not.
+   */
+  report(now: number, say: DroppedReport, all = false): void {
     for (const [cause, budget] of this.#budgets) {
-      if (now - budget.windowStart < this.#windowMs) continue;
+      if (!all && now - budget.windowStart < this.#windowMs) continue;
       if (budget.dropped > 0) {
         say(cause, budget.dropped, Math.round((now - budget.windowStart) / 1000));
       }

@@ -180,8 +180,7 @@ class ChildLog {
   readonly #heldBack = (_cause: string, dropped: number, seconds: number) =>
     console.error(
       `one-socket serve: key "${this.#key}": held back ${dropped} more lines about failed ` +
-        // At close, every window counts as ended: LogLimit measures it up to Infinity.
-        `programs${Number.isFinite(seconds) ? ` in the last ${seconds} s` : ""}`,
+        `programs in the last ${seconds} s`,
     );
 
   constructor(key: string, program: string) {
@@ -200,6 +199,6 @@ class ChildLog {
 
   /** Says what was held back and not yet said. */
   close(): void {
-    this.#limit.report(Infinity, this.#heldBack);
+    this.#limit.report(performance.now(), this.#heldBack, true);
   }
 }

@@ -149,14 +149,16 @@ export class RawClient implements Disposable {
 }
 
 /**
- * Compiles `tests/c/NAME.c` with the system compiler, once per process, into
- * a temporary directory removed at exit; undefined when there is no `cc`.
+ * Compiles `tests/c/NAME.c` (or `source`) with the system compiler into a
+ * temporary directory removed at exit; undefined when there is no `cc`.
  */
-export async function buildCProgram(name: string): Promise<string | undefined> {
+export async function buildCProgram(
+  name: string,
+  source: string = new URL(`./c/${name}.c`, import.meta.url).pathname,
+): Promise<string | undefined> {
   const directory = await Deno.makeTempDir({ prefix: "one-socket-c-" });
   globalThis.addEventListener("unload", () => Deno.removeSync(directory, { recursive: true }));
   const output = `${directory}/${name}`;
-  const source = new URL(`./c/${name}.c`, import.meta.url).pathname;
   try {
     const { success, stderr } = await new Deno.Command("cc", {
       args: ["-O2", "-o", output, source],
@@ -168,4 +170,13 @@ export async function buildCProgram(name: string): Promise<string | undefined> {
     if (error instanceof Deno.errors.NotFound) return undefined;
     throw error;
   }
+}
+
+/**
+ * Compiles `scripts/floor.c`, the benchmarks' minimal C broker: protocol v1
+ * only, and it closes a request of another version as soon as its flags are
+ * in, as the C broker does. Undefined when there is no `cc`.
+ */
+export function buildFloor(): Promise<string | undefined> {
+  return buildCProgram("floor", new URL("../scripts/floor.c", import.meta.url).pathname);
 }

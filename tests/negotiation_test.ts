@@ -38,34 +38,11 @@ import {
   UnixSocket,
 } from "../ffi/socket.ts";
 import { MessageHeader } from "../ffi/structs.ts";
-import { countOpenDescriptors, temporarySocketPath } from "./helpers.ts";
-import { type Scope, withScope } from "./processes.ts";
+import { buildFloor, countOpenDescriptors, temporarySocketPath } from "./helpers.ts";
+import { startFloor, withScope } from "./processes.ts";
 
-const compilerMissing = !new Deno.Command("sh", { args: ["-c", "command -v cc"] }).outputSync()
-  .success;
-
-/** Builds scripts/floor.c into the scope's directory and starts it on `path`. */
-async function startFloor(scope: Scope, path = scope.socket) {
-  const binary = `${scope.dir}/floor`;
-  try {
-    Deno.statSync(binary);
-  } catch {
-    const source = new URL("../scripts/floor.c", import.meta.url).pathname;
-    const { success, stderr } = await new Deno.Command("cc", {
-      args: ["-O2", "-o", binary, source],
-    }).output();
-    assert.ok(success, `cc scripts/floor.c: ${new TextDecoder().decode(stderr)}`);
-  }
-  const floor = scope.spawn([path], { command: [binary] });
-  await floor.waitUntil(`socket ${path}`, () => {
-    try {
-      return Deno.statSync(path).isSocket === true;
-    } catch {
-      return false;
-    }
-  });
-  return floor;
-}
+const floor = await buildFloor();
+const compilerMissing = floor === undefined;
 
 /** `a` sends a byte to `b` and the other way round. */
 async function assertConnected(a: PairedSocket, b: PairedSocket): Promise<void> {
@@ -87,7 +64,7 @@ Deno.test({
   ignore: compilerMissing,
   fn: () =>
     withScope(async (scope) => {
-      await startFloor(scope);
+      await startFloor(scope, floor!);
       Reactor.instance();
       const before = countOpenDescriptors();
       const [server, client] = await Promise.all([
@@ -183,7 +160,7 @@ Deno.test({
   ignore: compilerMissing,
   fn: () =>
     withScope(async (scope) => {
-      await startFloor(scope);
+      await startFloor(scope, floor!);
       const [server, client] = await Promise.all([
         getPair(longKey, { socket: scope.socket, mode: "server" }),
         getPair(longKey, { socket: scope.socket, mode: "client" }),
@@ -202,7 +179,7 @@ Deno.test({
   ignore: compilerMissing,
   fn: () =>
     withScope(async (scope) => {
-      await startFloor(scope);
+      await startFloor(scope, floor!);
       Reactor.instance();
       const before = countOpenDescriptors();
       const path = scope.socket;
@@ -243,8 +220,8 @@ Deno.test({
   fn: () =>
     withScope(async (scope) => {
       const other = `${scope.dir}/other.socket`;
-      await startFloor(scope);
-      await startFloor(scope, other);
+      await startFloor(scope, floor!);
+      await startFloor(scope, floor!, other);
       Reactor.instance();
       const before = countOpenDescriptors();
       const listener = listen("l", { socket: scope.socket });

@@ -268,6 +268,13 @@ export function exists(path: string): boolean {
   }
 }
 
+/** Starts the floor broker built by `buildFloor` on `path`, once its socket is there. */
+export async function startFloor(scope: Scope, floor: string, path = scope.socket): Promise<Cli> {
+  const broker = scope.spawn([path], { command: [floor] });
+  await broker.waitUntil(`socket file ${path}`, () => isSocket(path));
+  return broker;
+}
+
 /** Starts a broker and waits (bounded) for its socket file to appear. */
 export async function startBroker(
   scope: Scope,

@@ -13,17 +13,17 @@ import { getPair } from "../client/pair.ts";
 import { DEFAULT_MAX } from "../client/serve.ts";
 import type { PairedSocket } from "../client/paired_socket.ts";
 import type { SocketType } from "../client/protocol_v2.ts";
-import { buildCProgram } from "./helpers.ts";
+import { buildCProgram, buildFloor } from "./helpers.ts";
 import { asUser, NOBODY, otherUsersMissing } from "./other_users.ts";
 import {
   type Cli,
-  isSocket,
   MOD,
   PERMISSIONS,
   type Scope,
   sleep,
   type SpawnOptions,
   startBroker,
+  startFloor,
   WAIT_MS,
   withScope,
 } from "./processes.ts";
@@ -37,29 +37,8 @@ if (cClient === undefined) {
 } // Another uid runs it too.
 else await Deno.chmod(cClient.slice(0, cClient.lastIndexOf("/")), 0o755);
 
-/**
- * scripts/floor.c: the benchmarks' minimal C broker, which speaks only
- * protocol v1 and closes a v2 request at once, as the C broker does.
- */
+/** A v1-only C broker that closes a v2 request at once, as the C broker does. */
 const floor = cClient === undefined ? undefined : await buildFloor();
-
-async function buildFloor(): Promise<string> {
-  const directory = await Deno.makeTempDir({ prefix: "one-socket-floor-" });
-  globalThis.addEventListener("unload", () => Deno.removeSync(directory, { recursive: true }));
-  const binary = `${directory}/floor`;
-  const source = new URL("../scripts/floor.c", import.meta.url).pathname;
-  const { success, stderr } = await new Deno.Command("cc", { args: ["-O2", "-o", binary, source] })
-    .output();
-  assert.ok(success, `cc scripts/floor.c: ${decoder.decode(stderr)}`);
-  return binary;
-}
-
-/** The floor on `scope.socket`, once its socket is there. */
-async function startFloor(scope: Scope): Promise<Cli> {
-  const broker = scope.spawn([scope.socket], { command: [floor!] });
-  await broker.waitUntil(`socket file ${scope.socket}`, () => isSocket(scope.socket));
-  return broker;
-}
 
 /** `deno run` of the command with the permission running a program needs on top. */
 const EXEC_COMMAND = [Deno.execPath(), "run", ...PERMISSIONS, "--allow-run", MOD];
@@ -438,7 +417,7 @@ Deno.test("serve: peers that make every program fail get 20 lines in 10 s, then 
     assert.match(logged[19], /: \S*\/false exited with status 1$/);
     assert.match(
       logged[20],
-      /^one-socket serve: key "fails": held back 5 more lines about failed programs$/,
+      /^one-socket serve: key "fails": held back 5 more lines about failed programs in the last \d+ s$/,
     );
   }));
 
@@ -522,7 +501,7 @@ Deno.test({
   ignore: floor === undefined,
   fn: () =>
     withScope(async (scope) => {
-      await startFloor(scope);
+      await startFloor(scope, floor!);
       const done = await serve(scope, ["k", "--socket", scope.socket, "--exec", "--", "cat"])
         .finish();
       assert.equal(done.code, 1, done.stderr);
@@ -539,7 +518,7 @@ Deno.test({
   ignore: floor === undefined,
   fn: () =>
     withScope(async (scope) => {
-      await startFloor(scope);
+      await startFloor(scope, floor!);
       const script = 'echo "${ONE_SOCKET_PEER_PID-unset} ${ONE_SOCKET_PEER_UID-unset}" ' +
         '"${ONE_SOCKET_PEER_GID-unset}" >&3';
       const service = scope.spawn(
