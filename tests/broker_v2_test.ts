@@ -10,87 +10,14 @@ import {
   Capability,
   decodeHello,
   decodeRefused,
-  decodeReply,
   decodeSetPair,
   encodeCredit,
   encodeRequest,
-  HEADER_SIZE,
-  type Reply,
-  type RequestOptions,
 } from "../client/protocol_v2.ts";
 import { AccessPolicy } from "../broker/policy.ts";
-import { Errno } from "../ffi/errors.ts";
-import { closeDescriptor, readInto, receiveMessage, sendFrom, socketKind } from "../ffi/socket.ts";
-import { MessageHeader } from "../ffi/structs.ts";
+import { closeDescriptor, readInto, sendFrom, socketKind } from "../ffi/socket.ts";
 import { countOpenDescriptors, eventually, RawClient, withBroker } from "./helpers.ts";
-
-/** One whole message from the broker, with its descriptors; `undefined` at end of stream. */
-async function readMessage(
-  raw: RawClient,
-  ms = 5000,
-): Promise<{ bytes: Uint8Array; descriptors: number[] } | undefined> {
-  const header = new MessageHeader(new Uint8Array(1100), 4);
-  const bytes: number[] = [];
-  const descriptors: number[] = [];
-  const deadline = Date.now() + ms;
-  let want = HEADER_SIZE;
-  while (bytes.length < want) {
-    header.prepareReceive(want - bytes.length);
-    const count = receiveMessage(raw.socket.fd, header);
-    if (count === -Errno.EAGAIN) {
-      if (Date.now() > deadline) throw new Error("no message from the broker in time");
-      await Promise.race([
-        raw.socket.readiness.readable(),
-        new Promise((resolve) => setTimeout(resolve, 50)),
-      ]);
-      continue;
-    }
-    if (count === 0 || count === -Errno.ECONNRESET) {
-      assert.equal(bytes.length, 0, "end of stream inside a message");
-      return undefined;
-    }
-    assert.ok(count > 0, `recvmsg: -${count}`);
-    header.readDescriptors();
-    descriptors.push(...header.descriptors);
-    bytes.push(...header.data.subarray(0, count));
-    if (bytes.length === HEADER_SIZE) {
-      want = HEADER_SIZE + new DataView(new Uint8Array(bytes).buffer).getUint32(8, true);
-    }
-  }
-  return { bytes: new Uint8Array(bytes), descriptors };
-}
-
-async function reply(raw: RawClient): Promise<{ reply: Reply; descriptors: number[] }> {
-  const message = await readMessage(raw);
-  assert.ok(message, "a reply, not end of stream");
-  return { reply: decodeReply(message.bytes), descriptors: message.descriptors };
-}
-
-async function request(
-  path: string,
-  kind: "get_pair" | "listen",
-  key: string,
-  options: RequestOptions = {},
-): Promise<RawClient> {
-  const raw = await RawClient.connect(path);
-  raw.send(encodeRequest(kind, key, options));
-  return raw;
-}
-
-async function expectSetPair(raw: RawClient) {
-  const { reply: answer, descriptors } = await reply(raw);
-  assert.equal(answer.request, "set_pair", JSON.stringify(answer));
-  return { reply: answer as Reply & { request: "set_pair" }, descriptors };
-}
-
-/** Writes through one end and reads through the other. */
-function assertJoined(a: number, b: number): void {
-  const sent = new TextEncoder().encode("ping");
-  assert.equal(sendFrom(a, sent), 4);
-  const got = new Uint8Array(8);
-  assert.equal(readInto(b, got), 4);
-  assert.deepEqual(got.subarray(0, 4), sent);
-}
+import { assertJoined, expectSetPair, readMessage, reply, request } from "./raw_v2.ts";
 
 const me = { pid: Deno.pid, uid: Deno.uid()!, gid: Deno.gid()! };
 

@@ -15,22 +15,13 @@ import {
 } from "../broker/control.ts";
 import { getPair } from "../client/pair.ts";
 import { encodeGetPair, MESSAGE_SIZE } from "../client/protocol.ts";
-import {
-  decodeHello,
-  decodeRefused,
-  decodeReply,
-  encodeRequest,
-  HEADER_SIZE,
-  type Reply,
-  type RequestOptions,
-} from "../client/protocol_v2.ts";
-import { Errno } from "../ffi/errors.ts";
+import { decodeRefused, encodeRequest, type Reply } from "../client/protocol_v2.ts";
 import { countOpenDescriptors } from "../ffi/process.ts";
-import { closeDescriptor, listenUnix, receiveMessage } from "../ffi/socket.ts";
-import { MessageHeader } from "../ffi/structs.ts";
+import { closeDescriptor, listenUnix } from "../ffi/socket.ts";
 import denoConfig from "../deno.json" with { type: "json" };
 import { eventually, RawClient, withBroker } from "./helpers.ts";
 import { parsePrometheus } from "./prometheus_text.ts";
+import { listen, readMessage, reply } from "./raw_v2.ts";
 import { ControlHttp, startWithControl } from "./control_support.ts";
 import { exists, type Scope, sleep, WAIT_MS, withScope } from "./processes.ts";
 
@@ -46,63 +37,6 @@ function withControl(
     using http = new ControlHttp(control.path);
     await body(broker, socket, http);
   }, options);
-}
-
-/** One whole v2 message from the broker, with its descriptors; `undefined` at end of stream. */
-async function readMessage(
-  raw: RawClient,
-  ms = 5000,
-): Promise<{ bytes: Uint8Array; descriptors: number[] } | undefined> {
-  const header = new MessageHeader(new Uint8Array(1100), 4);
-  const bytes: number[] = [];
-  const descriptors: number[] = [];
-  const deadline = Date.now() + ms;
-  let want = HEADER_SIZE;
-  while (bytes.length < want) {
-    header.prepareReceive(want - bytes.length);
-    const count = receiveMessage(raw.socket.fd, header);
-    if (count === -Errno.EAGAIN) {
-      if (Date.now() > deadline) throw new Error("no message from the broker in time");
-      await Promise.race([
-        raw.socket.readiness.readable(),
-        new Promise((resolve) => setTimeout(resolve, 50)),
-      ]);
-      continue;
-    }
-    if (count === 0 || count === -Errno.ECONNRESET) {
-      assert.equal(bytes.length, 0, "end of stream inside a message");
-      return undefined;
-    }
-    assert.ok(count > 0, `recvmsg: -${count}`);
-    header.readDescriptors();
-    descriptors.push(...header.descriptors);
-    bytes.push(...header.data.subarray(0, count));
-    if (bytes.length === HEADER_SIZE) {
-      want = HEADER_SIZE + new DataView(new Uint8Array(bytes).buffer).getUint32(8, true);
-    }
-  }
-  return { bytes: new Uint8Array(bytes), descriptors };
-}
-
-/** The next v2 message, decoded; its descriptors are closed. */
-async function nextReply(raw: RawClient): Promise<Reply> {
-  const message = await readMessage(raw);
-  assert.ok(message, "a message, not end of stream");
-  message.descriptors.forEach(closeDescriptor);
-  return decodeReply(message.bytes);
-}
-
-/** A v2 `LISTEN` on a raw connection; resolves once its `HELLO` is read, to it and its backlog. */
-async function listen(
-  socket: string,
-  key: string | Uint8Array,
-  options: RequestOptions = {},
-): Promise<{ raw: RawClient; backlog: number }> {
-  const raw = await RawClient.connect(socket);
-  raw.send(encodeRequest("listen", key, options));
-  const hello = await readMessage(raw);
-  assert.ok(hello, "a HELLO, not end of stream");
-  return { raw, backlog: decodeHello(hello.bytes).backlog };
 }
 
 /**
@@ -736,3 +670,10 @@ Deno.test("ctl: a second broker on a live control socket exits 1 and leaves it a
     assert.match(await ctl(scope, ["status", "--control", control]), /^socket +.*broker\.socket$/m);
   });
 });
+
+/** The next v2 message, decoded; its descriptors are closed. */
+async function nextReply(raw: RawClient): Promise<Reply> {
+  const answer = await reply(raw);
+  answer.descriptors.forEach(closeDescriptor);
+  return answer.reply;
+}

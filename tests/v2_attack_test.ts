@@ -16,24 +16,16 @@
  */
 
 import assert from "node:assert/strict";
-import type { Broker } from "../broker/broker.ts";
 import { encodeGetPair, encodeSetPair as encodeSetPairV1, type Mode } from "../client/protocol.ts";
 import {
   decodeRefused,
   decodeReply,
-  encodeCredit,
   encodeRequest,
   HEADER_SIZE,
-  type Reply,
-  type RequestOptions,
-  type SetPair,
   type SocketType,
 } from "../client/protocol_v2.ts";
-import { Errno } from "../ffi/errors.ts";
 import {
   closeDescriptor,
-  readInto,
-  receiveMessage,
   sendFrom,
   setNonblocking,
   shutdownWrite,
@@ -41,8 +33,22 @@ import {
   tryConnectUnix,
   UnixSocket,
 } from "../ffi/socket.ts";
-import { MessageHeader } from "../ffi/structs.ts";
 import { countOpenDescriptors, eventually, RawClient, withBroker } from "./helpers.ts";
+import {
+  assertJoined,
+  closeAll,
+  credit,
+  expectHello,
+  expectRefused,
+  expectSetPair,
+  listen,
+  listenerIds,
+  readMessage,
+  reply,
+  request,
+  silentFor,
+  v1,
+} from "./raw_v2.ts";
 import {
   type Cli,
   MOD,
@@ -53,149 +59,8 @@ import {
   withScope,
 } from "./processes.ts";
 
-const encoder = new TextEncoder();
 const NOBODY = 65534;
 const ROOT = Deno.uid() === 0;
-
-// ---------------------------------------------------------------------------------------------
-// Raw v2 messages
-
-interface Message {
-  bytes: Uint8Array;
-  descriptors: number[];
-}
-
-/** One whole message from the broker with its descriptors; `undefined` at end of stream. */
-async function readMessage(raw: RawClient, ms = 3000): Promise<Message | undefined> {
-  const header = new MessageHeader(new Uint8Array(1100), 4);
-  const bytes: number[] = [];
-  const descriptors: number[] = [];
-  const deadline = Date.now() + ms;
-  let want = HEADER_SIZE;
-  while (bytes.length < want) {
-    header.prepareReceive(want - bytes.length);
-    const count = receiveMessage(raw.socket.fd, header);
-    if (count === -Errno.EAGAIN) {
-      if (Date.now() > deadline) {
-        descriptors.forEach(closeDescriptor);
-        throw new Error(`no message from the broker within ${ms} ms`);
-      }
-      await Promise.race([raw.socket.readiness.readable(), sleep(20)]);
-      continue;
-    }
-    if (count === 0 || count === -Errno.ECONNRESET) {
-      assert.equal(bytes.length, 0, "end of stream inside a message");
-      return undefined;
-    }
-    assert.ok(count > 0, `recvmsg: -${count}`);
-    header.readDescriptors();
-    descriptors.push(...header.descriptors);
-    bytes.push(...header.data.subarray(0, count));
-    if (bytes.length === HEADER_SIZE) {
-      want = HEADER_SIZE + new DataView(new Uint8Array(bytes).buffer).getUint32(8, true);
-    }
-  }
-  return { bytes: new Uint8Array(bytes), descriptors };
-}
-
-/** The next reply, decoded; fails at end of stream. */
-async function reply(
-  raw: RawClient,
-  ms?: number,
-): Promise<{ reply: Reply; descriptors: number[] }> {
-  const message = await readMessage(raw, ms);
-  assert.ok(message, "a reply, not end of stream");
-  return { reply: decodeReply(message.bytes), descriptors: message.descriptors };
-}
-
-type Delivery = { reply: SetPair; descriptors: number[] };
-
-async function expectSetPair(raw: RawClient, what = "a SET_PAIR", ms?: number): Promise<Delivery> {
-  const { reply: answer, descriptors } = await reply(raw, ms);
-  if (answer.request !== "set_pair") {
-    descriptors.forEach(closeDescriptor);
-    assert.fail(`${what}: got ${JSON.stringify(answer)}`);
-  }
-  assert.equal(descriptors.length, answer.descriptors, `${what}: descriptors as announced`);
-  return { reply: answer, descriptors };
-}
-
-async function expectHello(raw: RawClient, what = "a HELLO"): Promise<number> {
-  const { reply: answer, descriptors } = await reply(raw);
-  descriptors.forEach(closeDescriptor);
-  assert.equal(answer.request, "hello", `${what}: got ${JSON.stringify(answer)}`);
-  return (answer as { backlog: number }).backlog;
-}
-
-/** The REFUSED reason, then end of stream. */
-async function expectRefused(raw: RawClient, what = "a REFUSED"): Promise<string> {
-  const { reply: answer, descriptors } = await reply(raw);
-  descriptors.forEach(closeDescriptor);
-  assert.equal(answer.request, "refused", `${what}: got ${JSON.stringify(answer)}`);
-  assert.equal(await readMessage(raw), undefined, `${what}: end of stream after it`);
-  return (answer as { reason: string }).reason;
-}
-
-/** True if nothing at all came within `ms` (and the connection is still open). */
-async function silentFor(raw: RawClient, ms: number): Promise<boolean> {
-  try {
-    const message = await readMessage(raw, ms);
-    message?.descriptors.forEach(closeDescriptor);
-    return false;
-  } catch {
-    return true;
-  }
-}
-
-async function request(
-  path: string,
-  kind: "get_pair" | "listen",
-  key: string,
-  options: RequestOptions = {},
-): Promise<RawClient> {
-  const raw = await RawClient.connect(path);
-  raw.send(encodeRequest(kind, key, options));
-  return raw;
-}
-
-/** A listener that has heard its HELLO; returns it and the backlog granted. */
-async function listen(path: string, key: string, options: RequestOptions = {}) {
-  const raw = await request(path, "listen", key, options);
-  const backlog = await expectHello(raw, `LISTEN ${key}`);
-  return { raw, backlog };
-}
-
-/** A v1 client that has sent its whole request. */
-async function v1(path: string, key: string, mode: Mode): Promise<RawClient> {
-  const raw = await RawClient.connect(path);
-  raw.send(encodeGetPair(key, mode));
-  return raw;
-}
-
-function credit(count: number): Uint8Array {
-  return encodeCredit(count);
-}
-
-/** Writes through one end and reads through the other, both ways; closes neither. */
-function assertJoined(a: number, b: number, what = "the pair"): void {
-  for (const [from, to] of [[a, b], [b, a]]) {
-    const sent = encoder.encode(`ping-${from}`);
-    assert.equal(sendFrom(from, sent), sent.length, `${what}: send`);
-    const got = new Uint8Array(64);
-    const count = readInto(to, got);
-    assert.equal(count, sent.length, `${what}: bytes through (read ${count})`);
-    assert.deepEqual(got.subarray(0, count), sent, what);
-  }
-}
-
-function closeAll(...deliveries: Delivery[]): void {
-  for (const delivery of deliveries) delivery.descriptors.forEach(closeDescriptor);
-}
-
-/** The broker's connection id of the listener with `key` (from the broker's own listing). */
-function listenerIds(broker: Broker): number[] {
-  return broker.listeners().map((listener) => listener.id);
-}
 
 const me = { pid: Deno.pid, uid: Deno.uid()!, gid: Deno.gid()! };
 
