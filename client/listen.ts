@@ -141,9 +141,8 @@ export class Listener implements AsyncIterable<PairedSocket>, AsyncDisposable, D
   async #run(request: Uint8Array): Promise<void> {
     const stop = this.#stop.signal;
     try {
-      if (v1OnlyBrokers.has(this.path)) {
-        throw new BrokerVersionError(this.path, "listeners need v2");
-      }
+      // Always asked in v2, whatever getPair found: a registration is rare, and a broker
+      // thought v1-only may have been replaced, or have closed a request for another reason.
       const connecting = connectTo(this.#broker, stop);
       this.#socket = connecting instanceof UnixSocket ? connecting : await connecting;
       if (this.#closed) return;
@@ -196,6 +195,7 @@ export class Listener implements AsyncIterable<PairedSocket>, AsyncDisposable, D
           );
         }
         this.#backlog = reply.backlog;
+        v1OnlyBrokers.delete(this.path); // it speaks v2 after all
         this.#resolveReady();
         continue;
       }

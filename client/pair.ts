@@ -151,11 +151,40 @@ export class BrokerVersionError extends Error {
   }
 }
 
+/** How long a broker found to speak only v1 is asked in v1 at once, before v2 is tried again. */
+const V1_MEMORY_MS = 60_000;
+
 /**
- * Socket paths of brokers found to speak only protocol v1, for the life of
- * the process: later requests go to them in v1 at once.
+ * Socket paths of brokers found to speak only protocol v1: for a minute,
+ * requests go to them in v1 at once. Not for longer, since a close without
+ * an answer can also be a v2 broker that stopped, or refused a request before
+ * it was whole, and the broker behind a path can be replaced.
  */
-export const v1OnlyBrokers: Set<string> = new Set();
+class V1OnlyBrokers {
+  readonly #since = new Map<string, number>();
+
+  /** Whether `path` was found v1-only within the last minute. */
+  has(path: string): boolean {
+    const since = this.#since.get(path);
+    if (since === undefined) return false;
+    if (performance.now() - since < V1_MEMORY_MS) return true;
+    this.#since.delete(path);
+    return false;
+  }
+
+  /** Remembers that the broker at `path` closed a v2 request unanswered. */
+  add(path: string): void {
+    this.#since.set(path, performance.now());
+  }
+
+  /** Forgets it: the broker at `path` has just answered in v2. */
+  delete(path: string): void {
+    this.#since.delete(path);
+  }
+}
+
+/** The v1-only brokers of this process (see {@link V1OnlyBrokers}); exported for the tests. */
+export const v1OnlyBrokers: V1OnlyBrokers = new V1OnlyBrokers();
 
 /** Options of {@link getPair}. */
 export interface PairOptions {

@@ -459,3 +459,12 @@ Deno.test("the broker ending a registration ends iteration: kicked with a reason
   await socket.remove();
   assert.equal(countOpenDescriptors(), before);
 });
+
+Deno.test("a listener asks in v2 even where getPair last found a v1-only broker", () =>
+  leakFree(async (_broker, socket) => {
+    // As if the path had been served by a v1-only broker a moment ago, and ours replaced it.
+    v1OnlyBrokers.add(socket);
+    await using listener = listen("replaced", { socket });
+    await listener.ready;
+    assert.equal(listener.backlog, 16);
+  }));
