@@ -34,6 +34,14 @@ const DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin";
  * ```
  */
 export function resolveProgram(name: string): string {
+  // Checked before anything is asked of the broker: a peer must not be taken for a program that
+  // cannot be started. The program runs through SHELL, so that is what needs run access.
+  if (Deno.permissions.querySync({ name: "run", command: SHELL }).state !== "granted") {
+    throw new ExitError(
+      `exec ${name}: it is started through ${SHELL}: run Deno with --allow-run`,
+      EXIT_NOT_EXECUTABLE,
+    );
+  }
   const candidates = name.includes("/")
     ? [resolve(name)]
     : (Deno.env.get("PATH") ?? DEFAULT_PATH).split(":").map((dir) => resolve(dir, name));
@@ -42,7 +50,13 @@ export function resolveProgram(name: string): string {
     let info: Deno.FileInfo;
     try {
       info = Deno.statSync(path);
-    } catch {
+    } catch (error) {
+      if (error instanceof Deno.errors.NotCapable) {
+        throw new ExitError(
+          `exec ${name}: cannot look for it without read access: run Deno with --allow-read`,
+          EXIT_NOT_EXECUTABLE,
+        );
+      }
       continue; // missing here, or a PATH directory we may not search: execvp moves on too
     }
     if (!info.isFile) continue;

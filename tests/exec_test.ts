@@ -11,7 +11,7 @@ import { EXIT_USAGE } from "../client/command_line.ts";
 import { EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND } from "../client/exec.ts";
 import { getPair } from "../client/pair.ts";
 import type { PairedSocket } from "../client/paired_socket.ts";
-import { eventually, withBroker } from "./helpers.ts";
+import { buildCProgram, eventually, withBroker } from "./helpers.ts";
 import {
   MOD,
   PERMISSIONS,
@@ -27,25 +27,7 @@ const decoder = new TextDecoder();
 /** `deno run` of the command with the permission `--exec` needs on top. */
 const EXEC_COMMAND = [Deno.execPath(), "run", ...PERMISSIONS, "--allow-run", MOD];
 
-/** Builds tests/c/activated_echo.c with the system compiler; undefined when there is none. */
-async function buildActivatedEcho(): Promise<string | undefined> {
-  const directory = await Deno.makeTempDir({ prefix: "one-socket-c-" });
-  globalThis.addEventListener("unload", () => Deno.removeSync(directory, { recursive: true }));
-  const output = `${directory}/activated_echo`;
-  const source = new URL("./c/activated_echo.c", import.meta.url).pathname;
-  try {
-    const { success, stderr } = await new Deno.Command("cc", {
-      args: ["-O2", "-Wall", "-o", output, source],
-    }).output();
-    if (!success) throw new Error(`cc failed: ${decoder.decode(stderr)}`);
-    return output;
-  } catch (error) {
-    if (error instanceof Deno.errors.NotFound) return undefined;
-    throw error;
-  }
-}
-
-const activatedEcho = await buildActivatedEcho();
+const activatedEcho = await buildCProgram("activated_echo");
 if (activatedEcho === undefined) {
   console.warn("exec_test: no C compiler (cc); the socket-activated C program test is skipped");
 }
@@ -294,3 +276,25 @@ Deno.test("exec and timeout: command line mistakes exit 2 and say what is wrong"
     }));
   });
 });
+
+Deno.test("--exec without the permissions to find or start PROGRAM says which, before asking the broker", () =>
+  withScope(async (scope) => {
+    // No broker at this path: a check made after connecting would report ENOENT instead.
+    const missing = `${scope.dir}/nobody.socket`;
+    const run = (flags: string[]) =>
+      scope.spawn(["pair", "k", "--socket", missing, "--exec", "--", "sh", "-c", "true"], {
+        command: [Deno.execPath(), "run", "--allow-ffi", "--allow-env", ...flags, MOD],
+      }).finish();
+    const noRead = await run(["--allow-run"]);
+    assert.equal(noRead.code, EXIT_NOT_EXECUTABLE, noRead.stderr);
+    assert.match(
+      noRead.stderr,
+      /exec sh: cannot look for it without read access: run Deno with --allow-read/,
+    );
+    const noRun = await run(["--allow-read"]);
+    assert.equal(noRun.code, EXIT_NOT_EXECUTABLE, noRun.stderr);
+    assert.match(
+      noRun.stderr,
+      /exec sh: it is started through \/bin\/sh: run Deno with --allow-run/,
+    );
+  }));
