@@ -13,6 +13,7 @@ import {
   brokerAddress,
   BrokerClosedError,
   BrokerRefusedError,
+  brokerStopped,
   BrokerVersionError,
   checkRequestOptions,
   connectTo,
@@ -173,7 +174,7 @@ export class Listener implements AsyncIterable<PairedSocket>, AsyncDisposable, D
         continue;
       }
       if (message === "end") {
-        if (reader.received > 0) throw new BrokerClosedError(this.path);
+        if (reader.received > 0) throw brokerStopped(this.path);
         v1OnlyBrokers.add(this.path);
         throw new BrokerVersionError(this.path, "listeners need v2");
       }

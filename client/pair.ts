@@ -81,6 +81,17 @@ export class BrokerClosedError extends Error {
 }
 
 /**
+ * A v2 broker that closed after its `HELLO`: protocol v2 says that means it
+ * stopped (a refusal would have said why).
+ */
+export function brokerStopped(path: string): BrokerClosedError {
+  return new BrokerClosedError(
+    path,
+    `broker at ${path} stopped while the request waited (end of stream after its HELLO)`,
+  );
+}
+
+/**
  * The broker refused the request and said why (protocol v2's `REFUSED`):
  * `policy`, `uid_limit`, `pair_timeout`, `shutdown`, `listener_limit`…
  * It is a {@link BrokerClosedError} (a v1 broker closes such a request
@@ -684,7 +695,7 @@ async function pairV2(
     }
     if (message === "end") {
       if (reader.received === 0) return undefined;
-      throw new BrokerClosedError(path);
+      throw brokerStopped(path);
     }
     const { reply, descriptors } = message;
     if (reply.request === "set_pair") {

@@ -452,6 +452,7 @@ Deno.test("the broker ending a registration ends iteration: kicked with a reason
   await broker.close();
   await assert.rejects(iteration, (error: unknown) => {
     assert.ok(error instanceof BrokerClosedError && !(error instanceof BrokerRefusedError));
+    assert.match(error.message, /stopped while the request waited/);
     return true;
   });
   listener.close();
