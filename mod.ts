@@ -5,12 +5,12 @@
  * broker does.
  *
  * Many processes on one host meet through one broker socket: each sends a
- * key, and when two keys match the broker hands each a end of a fresh
+ * key, and when two keys match the broker hands each an end of a fresh
  * `socketpair()`. From then on the two talk directly.
  *
  * Importing it needs no permission; calls that reach libc need
  * `--allow-ffi`. Run as a program, this module is the `one-socket` command
- * (`broker`, `pair`, `ctl`, `help`, `--version`), loaded only then.
+ * (`broker`, `pair`, `serve`, `ctl`, `help`, `--version`), loaded only then.
  *
  * Sub-modules: `./protocol` and `./protocol/v2` (the wire formats, pure),
  * `./policy` (TOML access rules for an embedded broker), `./control` (its

@@ -684,13 +684,18 @@ export class Broker implements AsyncDisposable {
     ) {
       return;
     }
-    logger.info(`client {id} (pid {pid}, uid {uid}) listens on key "{key}" as {mode}`, {
-      id: connection.id,
-      pid: connection.peer.pid,
-      uid: connection.peer.uid,
-      key: describeKey(connection.registration!.key),
-      mode,
-    });
+    logger.info(
+      `client {id} (pid {pid}, uid {uid}) listens on key "{key}" as {mode} ({type}, backlog {backlog})`,
+      {
+        id: connection.id,
+        pid: connection.peer.pid,
+        uid: connection.peer.uid,
+        key: describeKey(connection.registration!.key),
+        mode,
+        type: SOCKET_TYPES[connection.socketType],
+        backlog: connection.registration!.backlog,
+      },
+    );
   }
 
   /** Matches the request whose key is in `frame`, delivering or filing it. */
@@ -753,10 +758,12 @@ export class Broker implements AsyncDisposable {
       return;
     }
     if (this.#debug) {
-      logger.debug(`client {id} waits on key "{key}" as {mode}`, {
+      logger.debug(`client {id} waits on key "{key}" as {mode} ({type}, protocol v{version})`, {
         id: connection.id,
         key: describeKey(connection.key),
         mode: connection.mode,
+        type: SOCKET_TYPES[connection.socketType],
+        version: connection.version,
       });
     }
   }

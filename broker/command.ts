@@ -20,7 +20,7 @@ Commands:
   broker   run the SocketPair broker on a Unix socket
   pair     get the socket paired on a key: bridge it to stdin/stdout, or run a program on it
   serve    listen on a key and run a program for every peer, on its own socket
-  ctl      ask a running broker (status, clients, kick, metrics) over its control socket
+  ctl      ask a running broker (status, clients, listeners, kick, metrics) over its control socket
   help     show this help (or: one-socket COMMAND --help)
 
 Options:
