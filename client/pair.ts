@@ -87,7 +87,8 @@ export class BrokerClosedError extends Error {
 export function brokerStopped(path: string): BrokerClosedError {
   return new BrokerClosedError(
     path,
-    `broker at ${path} stopped while the request waited (end of stream after its HELLO)`,
+    `broker at ${path} closed the connection: it stopped while the request waited ` +
+      "(end of stream after its HELLO)",
   );
 }
 
