@@ -14,11 +14,13 @@ import {
   describeKey,
   GET_PAIR_KEY_OFFSET,
   GET_PAIR_MIN_SIZE,
+  getPairFault,
   getPairKeyLength,
   getPairMode,
   MESSAGE_SIZE,
   type Mode,
   ProtocolError,
+  type ProtocolErrorField,
   validateGetPair,
 } from "../client/protocol.ts";
 import {
@@ -615,8 +617,12 @@ export class Broker implements AsyncDisposable {
         connection.expected = length;
       } else {
         if (connection.received < GET_PAIR_MIN_SIZE) return;
-        const error = validateGetPair(frame, connection.received);
-        if (error !== undefined) return this.#reject(connection, error);
+        const fault = getPairFault(frame, connection.received);
+        if (fault !== undefined) {
+          // Described only if the log takes it: a flood of these must cost no more than it must.
+          const received = connection.received;
+          return this.#reject(connection, fault, () => validateGetPair(frame, received)!);
+        }
         this.#onRequest(
           connection,
           frame,
@@ -838,13 +844,31 @@ export class Broker implements AsyncDisposable {
     });
   };
 
-  #reject(connection: Connection, error: ProtocolError): void {
-    this.metrics.countProtocolError(error.field);
-    this.#warn(`protocol:${error.field}`, "closing client {id}: {reason}", {
-      id: connection.id,
-      reason: error.message,
-    });
-    this.#close(connection, error.message);
+  /**
+   * Closes a client that broke the protocol: `error`, or (for a v1 request)
+   * the field at fault and how to describe it if the log or the client is
+   * told.
+   */
+  #reject(
+    connection: Connection,
+    error: ProtocolError | ProtocolErrorField,
+    describe?: () => ProtocolError,
+  ): void {
+    const field = typeof error === "string" ? error : error.field;
+    this.metrics.countProtocolError(field);
+    const logged = this.#logLimit.allow(`protocol:${field}`, performance.now());
+    if (!logged && !connection.hearsReasons) {
+      this.#table.close(connection);
+      return;
+    }
+    const described = typeof error === "string" ? describe!() : error;
+    if (logged) {
+      logger.warn("closing client {id}: {reason}", {
+        id: connection.id,
+        reason: described.message,
+      });
+    }
+    this.#close(connection, described.message);
   }
 
   /** Closes a client, telling a v2 one why first. */

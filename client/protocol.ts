@@ -449,41 +449,89 @@ export function encodeGetPair(key: Key, mode: Mode, into?: Uint8Array): Uint8Arr
  * ```
  */
 export function validateGetPair(frame: Uint8Array, length: number): ProtocolError | undefined {
-  if (length < GET_PAIR_MIN_SIZE || length > MESSAGE_SIZE || length > frame.length) {
-    return new ProtocolError(
-      "GET_PAIR",
-      "length",
-      length,
-      `must be ${GET_PAIR_MIN_SIZE}..${MESSAGE_SIZE} bytes`,
-    );
+  const field = getPairFault(frame, length);
+  if (field === undefined) return undefined;
+  switch (field) {
+    case "length":
+      return new ProtocolError(
+        "GET_PAIR",
+        field,
+        length,
+        `must be ${GET_PAIR_MIN_SIZE}..${MESSAGE_SIZE} bytes`,
+      );
+    case "request": {
+      const request = u32(frame, 0);
+      return new ProtocolError(
+        "GET_PAIR",
+        field,
+        request,
+        request === REQUEST_SET_PAIR
+          ? "SET_PAIR is sent only by the broker; a client must send 1, GET_PAIR"
+          : "must be 1, GET_PAIR",
+      );
+    }
+    case "flags":
+      return new ProtocolError(
+        "GET_PAIR",
+        field,
+        u32(frame, 4),
+        "must be 0x1: version 1, no other bits",
+      );
+    case "size":
+      return new ProtocolError(
+        "GET_PAIR",
+        field,
+        u32(frame, 8),
+        `must be ${GET_PAIR_PAYLOAD_SIZE}`,
+      );
+    case "mode":
+      return new ProtocolError(
+        "GET_PAIR",
+        field,
+        u16(frame, MODE_OFFSET),
+        "must be 0 none, 1 client or 2 server",
+      );
+    default:
+      return new ProtocolError(
+        "GET_PAIR",
+        "key_len",
+        u16(frame, KEY_LEN_OFFSET),
+        `must be 1..${MAX_KEY_LENGTH}`,
+      );
   }
-  const request = u32(frame, 0);
-  if (request !== REQUEST_GET_PAIR) {
-    return new ProtocolError(
-      "GET_PAIR",
-      "request",
-      request,
-      request === REQUEST_SET_PAIR
-        ? "SET_PAIR is sent only by the broker; a client must send 1, GET_PAIR"
-        : "must be 1, GET_PAIR",
-    );
-  }
-  const flags = u32(frame, 4);
-  if (flags !== PROTOCOL_VERSION) {
-    return new ProtocolError("GET_PAIR", "flags", flags, "must be 0x1: version 1, no other bits");
-  }
-  const size = u32(frame, 8);
-  if (size !== GET_PAIR_PAYLOAD_SIZE) {
-    return new ProtocolError("GET_PAIR", "size", size, `must be ${GET_PAIR_PAYLOAD_SIZE}`);
-  }
-  const mode = u16(frame, MODE_OFFSET);
-  if (mode > 2) {
-    return new ProtocolError("GET_PAIR", "mode", mode, "must be 0 none, 1 client or 2 server");
-  }
+}
+
+/**
+ * The first rule a `GET_PAIR` breaks, as {@linkcode validateGetPair} checks
+ * them, without building an error: a broker under a flood of malformed
+ * requests counts them all and describes only those it logs.
+ *
+ * @param frame A buffer holding the message from its first byte.
+ * @param length How many bytes of `frame` hold it.
+ * @returns The offending field, or `undefined` if the request is valid.
+ *
+ * @example Usage
+ * ```ts
+ * import { encodeGetPair, getPairFault, MESSAGE_SIZE } from "./protocol.ts";
+ * import assert from "node:assert/strict";
+ *
+ * const frame = encodeGetPair("k", "none");
+ * assert.equal(getPairFault(frame, MESSAGE_SIZE), undefined);
+ * frame[4] = 2; // flags
+ * assert.equal(getPairFault(frame, MESSAGE_SIZE), "flags");
+ * ```
+ */
+export function getPairFault(
+  frame: Uint8Array,
+  length: number,
+): "length" | "request" | "flags" | "size" | "mode" | "key_len" | undefined {
+  if (length < GET_PAIR_MIN_SIZE || length > MESSAGE_SIZE || length > frame.length) return "length";
+  if (u32(frame, 0) !== REQUEST_GET_PAIR) return "request";
+  if (u32(frame, 4) !== PROTOCOL_VERSION) return "flags";
+  if (u32(frame, 8) !== GET_PAIR_PAYLOAD_SIZE) return "size";
+  if (u16(frame, MODE_OFFSET) > 2) return "mode";
   const keyLength = u16(frame, KEY_LEN_OFFSET);
-  if (keyLength === 0 || keyLength > MAX_KEY_LENGTH) {
-    return new ProtocolError("GET_PAIR", "key_len", keyLength, `must be 1..${MAX_KEY_LENGTH}`);
-  }
+  if (keyLength === 0 || keyLength > MAX_KEY_LENGTH) return "key_len";
   return undefined;
 }
 
