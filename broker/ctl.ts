@@ -7,7 +7,7 @@
  */
 
 import { parseCommandLine, runCommand, UsageError } from "../client/command_line.ts";
-import { resolveControlPath } from "../client/socket_path.ts";
+import { resolveControlPath, unreadEnvironmentHint } from "../client/socket_path.ts";
 import { OsError } from "../ffi/errors.ts";
 import { connectUnix } from "../ffi/socket.ts";
 import { MAX_LISTING_PAGE } from "./broker.ts";
@@ -63,10 +63,16 @@ async function unreachable(path: string, what: string, error: unknown): Promise<
     (await connectUnix(path, AbortSignal.timeout(1000))).close();
   } catch (cause) {
     if (cause instanceof OsError) {
-      return new OsError("connect", cause.errno, path, CONNECT_HINTS[cause.code]);
+      const hint = [CONNECT_HINTS[cause.code], unreadEnvironmentHint()].filter(Boolean).join("; ");
+      return new OsError("connect", cause.errno, path, hint || undefined);
     }
   }
-  return new Error(`${what} on ${path}: ${error instanceof Error ? error.message : error}`);
+  // Something listens there, but it does not speak HTTP: the broker socket itself, say.
+  return new Error(
+    `${what} on ${path}: no HTTP answer (${error instanceof Error ? error.message : error}); ` +
+      "is it the control socket? The broker socket is not: --control names the one the broker " +
+      'serves, by convention the broker socket path plus ".control"',
+  );
 }
 
 /** The control socket at `path`, one connection kept for a run's requests. */

@@ -23,7 +23,7 @@ import { eventually, RawClient, withBroker } from "./helpers.ts";
 import { parsePrometheus } from "./prometheus_text.ts";
 import { listen, readMessage, reply } from "./raw_v2.ts";
 import { ControlHttp, startWithControl } from "./control_support.ts";
-import { exists, type Scope, sleep, WAIT_MS, withScope } from "./processes.ts";
+import { exists, type Scope, sleep, startBroker, WAIT_MS, withScope } from "./processes.ts";
 
 const decoder = new TextDecoder();
 
@@ -611,6 +611,19 @@ Deno.test("ctl: listeners, the waiting clients' type and version, status's count
     assert.equal((await broker.finish()).code, 0);
   });
 });
+
+Deno.test("ctl pointed at the broker socket says that is not the control socket", () =>
+  withScope(async (scope) => {
+    const broker = await startBroker(scope);
+    const done = await scope.spawn(["ctl", "status", "--control", scope.socket]).finish();
+    assert.equal(done.code, 1, done.stderr);
+    assert.match(
+      done.stderr,
+      /no HTTP answer .*is it the control socket\? The broker socket is not/,
+    );
+    broker.kill("SIGTERM");
+    await broker.finish();
+  }));
 
 Deno.test("ctl: no broker is one line and exit 1; usage errors exit 2", async () => {
   await withScope(async (scope) => {
