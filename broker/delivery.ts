@@ -147,7 +147,8 @@ export class Delivery {
    * may be gone.
    */
   refuse(connection: Connection, reason: string): void {
-    if (!connection.hearsReasons) return;
+    // A closed connection's descriptor number may be someone else's already.
+    if (!connection.hearsReasons || !connection.isOpen) return;
     sendFrom(connection.fd, encodeRefused(reason) as Uint8Array<ArrayBuffer>);
   }
 

@@ -147,8 +147,10 @@ export class Listeners {
   }
 
   /**
-   * Reads what a listener sent after its `LISTEN`: `CREDIT`s, framed in
-   * `connection.frame`. Returns the protocol error to close it with, if any.
+   * Takes what a listener sent after its `LISTEN`: part of a `CREDIT`,
+   * framed in `connection.frame`. The broker reads at most the rest of one
+   * `CREDIT` at a time, so at most one completes here. Returns the protocol
+   * error to close it with, if any.
    */
   receive(
     connection: Connection,
@@ -157,18 +159,11 @@ export class Listeners {
     now: number,
   ): ProtocolError | undefined {
     const frame = connection.frame ??= new Uint8Array(CREDIT_SIZE);
-    let at = 0;
-    while (at < count) {
-      const take = Math.min(CREDIT_SIZE - connection.received, count - at);
-      frame.set(bytes.subarray(at, at + take), connection.received);
-      connection.received += take;
-      at += take;
-      if (connection.received < CREDIT_SIZE) return undefined;
-      connection.received = 0;
-      const error = validateCredit(frame) ?? this.#credit(connection, creditCount(frame), now);
-      if (error !== undefined) return error;
-    }
-    return undefined;
+    frame.set(bytes.subarray(0, count), connection.received);
+    connection.received += count;
+    if (connection.received < CREDIT_SIZE) return undefined;
+    connection.received = 0;
+    return validateCredit(frame) ?? this.#credit(connection, creditCount(frame), now);
   }
 
   #credit(connection: Connection, count: number, now: number): ProtocolError | undefined {
