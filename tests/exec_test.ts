@@ -238,7 +238,7 @@ Deno.test("timeout: no peer within --timeout exits 3 with one line", async () =>
   });
 });
 
-Deno.test("exec: a missing or non-executable PROGRAM fails before the broker is asked", async () => {
+Deno.test("exec (pair and serve): a missing or non-executable PROGRAM fails before the broker is asked", async () => {
   await withScope(async (scope) => {
     const script = `${scope.dir}/not-executable.sh`;
     await Deno.writeTextFile(script, "#!/bin/sh\n", { mode: 0o644 });
@@ -248,9 +248,13 @@ Deno.test("exec: a missing or non-executable PROGRAM fails before the broker is 
       { program: "one-socket-no-such-program", code: EXIT_NOT_FOUND, text: /ENOENT/ },
       { program: script, code: EXIT_NOT_EXECUTABLE, text: /EACCES/ },
     ];
-    await Promise.all(cases.map(async ({ program, code, text }) => {
-      const done = await pair(scope, ["k", "--socket", socket, "--exec", "--", program]).finish();
-      assert.equal(done.code, code, `${program}: exit code; stderr:\n${done.stderr}`);
+    const runs = ["pair", "serve"].flatMap((command) => cases.map((one) => ({ command, ...one })));
+    await Promise.all(runs.map(async ({ command, program, code, text }) => {
+      const done = await scope.spawn(
+        [command, "k", "--socket", socket, "--exec", "--", program],
+        { command: EXEC_COMMAND },
+      ).finish();
+      assert.equal(done.code, code, `${command} ${program}: exit code; stderr:\n${done.stderr}`);
       const [line, ...more] = lines(done.stderr);
       assert.deepEqual(more, []);
       assert.match(line, text);

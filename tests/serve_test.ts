@@ -8,7 +8,6 @@
 
 import assert from "node:assert/strict";
 import { EXIT_USAGE } from "../client/command_line.ts";
-import { EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND } from "../client/exec.ts";
 import { getPair } from "../client/pair.ts";
 import { DEFAULT_MAX } from "../client/serve.ts";
 import type { PairedSocket } from "../client/paired_socket.ts";
@@ -552,25 +551,6 @@ Deno.test({
       );
     }),
 });
-
-Deno.test("serve: a missing or non-executable PROGRAM exits 127 or 126 before the broker is asked", () =>
-  withScope(async (scope) => {
-    const script = `${scope.dir}/not-executable.sh`;
-    await Deno.writeTextFile(script, "#!/bin/sh\n", { mode: 0o644 });
-    const socket = `${scope.dir}/no-broker.socket`;
-    const cases = [
-      { program: "one-socket-no-such-program", code: EXIT_NOT_FOUND, text: /ENOENT/ },
-      { program: script, code: EXIT_NOT_EXECUTABLE, text: /EACCES/ },
-    ];
-    await Promise.all(cases.map(async ({ program, code, text }) => {
-      const done = await serve(scope, ["k", "--socket", socket, "--exec", "--", program]).finish();
-      assert.equal(done.code, code, `${program}: exit code; stderr:\n${done.stderr}`);
-      const [line, ...more] = lines(done.stderr);
-      assert.deepEqual(more, []);
-      assert.match(line, text);
-      assert.ok(line.includes(program), line);
-    }));
-  }));
 
 Deno.test("serve --help shows the usage on stdout, with the default --max", () =>
   withScope(async (scope) => {
