@@ -16,6 +16,7 @@ import {
 } from "../ffi/socket.ts";
 import { MessageHeader } from "../ffi/structs.ts";
 import {
+  acceptOne,
   countOpenDescriptors,
   eventually,
   RawClient,
@@ -36,12 +37,7 @@ async function withFakeBroker(
   const socket = await temporarySocketPath();
   const listener = listenUnix(socket.path, 1);
   const served = (async () => {
-    let fd = acceptConnection(listener.fd);
-    while (fd < 0) {
-      await listener.readiness.readable();
-      fd = acceptConnection(listener.fd);
-    }
-    using connection = new UnixSocket(fd);
+    using connection = await acceptOne(listener);
     const request = new Uint8Array(1044);
     let received = 0;
     while (received < request.length) {
@@ -324,12 +320,7 @@ Deno.test("a SET_PAIR that arrives in two pieces, the descriptor with the first,
   const before = countOpenDescriptors();
   try {
     const pairing = getPair("pieces", { socket: socket.path, protocol: 1 });
-    let fd = acceptConnection(listener.fd);
-    while (fd < 0) {
-      await listener.readiness.readable();
-      fd = acceptConnection(listener.fd);
-    }
-    using connection = new UnixSocket(fd);
+    using connection = await acceptOne(listener);
     const first = new MessageHeader(golden.slice(0, 100) as Uint8Array<ArrayBuffer>, 1);
     first.prepareSend(100, ours);
     assert.equal(sendMessage(connection.fd, first), 100);

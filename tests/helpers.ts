@@ -9,11 +9,12 @@ import { Broker, type BrokerOptions } from "../broker/broker.ts";
 import { Errno, OsError } from "../ffi/errors.ts";
 import { Reactor } from "../ffi/reactor.ts";
 import {
+  acceptConnection,
   closeDescriptor,
   connectUnix,
   receiveMessage,
   sendMessage,
-  type UnixSocket,
+  UnixSocket,
 } from "../ffi/socket.ts";
 import { MessageHeader } from "../ffi/structs.ts";
 
@@ -179,4 +180,14 @@ export async function buildCProgram(
  */
 export function buildFloor(): Promise<string | undefined> {
   return buildCProgram("floor", new URL("../scripts/floor.c", import.meta.url).pathname);
+}
+
+/** The next connection on `listener`, once one comes: for stand-in brokers in tests. */
+export async function acceptOne(listener: UnixSocket): Promise<UnixSocket> {
+  let fd = acceptConnection(listener.fd);
+  while (fd < 0) {
+    await listener.readiness.readable();
+    fd = acceptConnection(listener.fd);
+  }
+  return new UnixSocket(fd);
 }

@@ -38,7 +38,7 @@ import {
   UnixSocket,
 } from "../ffi/socket.ts";
 import { MessageHeader } from "../ffi/structs.ts";
-import { buildFloor, countOpenDescriptors, temporarySocketPath } from "./helpers.ts";
+import { acceptOne, buildFloor, countOpenDescriptors, temporarySocketPath } from "./helpers.ts";
 import { startFloor, withScope } from "./processes.ts";
 
 const floor = await buildFloor();
@@ -268,12 +268,7 @@ async function withScriptedBroker(
   const socket = await temporarySocketPath();
   const listener = listenUnix(socket.path, 1);
   const served = (async () => {
-    let fd = acceptConnection(listener.fd);
-    while (fd < 0) {
-      await listener.readiness.readable();
-      fd = acceptConnection(listener.fd);
-    }
-    using connection = new UnixSocket(fd);
+    using connection = await acceptOne(listener);
     const request = new Uint8Array(2048) as Uint8Array<ArrayBuffer>;
     let count = readInto(connection.fd, request);
     while (count < 0) {
