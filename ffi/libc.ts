@@ -75,6 +75,8 @@ const symbols = {
   pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "i32" },
   // ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
   pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "i32" },
+  // int memfd_create(const char *name, unsigned int flags): glibc 2.27, Linux 3.17
+  memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
   // int lchown(const char *path, uid_t owner, gid_t group)
   lchown: { parameters: ["buffer", "u32", "u32"], result: "i32" },
   // int fchmodat(int dirfd, const char *path, mode_t mode, int flags)
@@ -276,6 +278,8 @@ export const O_CLOEXEC = 0o2000000;
 export const O_PATH = 0o10000000;
 /** `O_NOFOLLOW`: the one flag here whose value differs, aarch64 taking the generic one. */
 export const O_NOFOLLOW: number = Deno.build.arch === "x86_64" ? 0o400000 : 0o100000;
+/** `MFD_CLOEXEC` (memfd_create): the memory file is close-on-exec from birth. */
+export const MFD_CLOEXEC = 0x1;
 /** `LOCK_EX` (flock) */
 export const LOCK_EX = 2;
 /** `LOCK_NB` (flock): fail with EWOULDBLOCK instead of waiting. */

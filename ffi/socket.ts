@@ -44,7 +44,7 @@ import { Errno, OsError } from "./errors.ts";
 import { Readiness } from "./reactor.ts";
 import {
   cString,
-  type MessageHeader,
+  MessageHeader,
   type PeerCredentials,
   readSockaddrUn,
   SOCKADDR_UN_SIZE,
@@ -202,13 +202,33 @@ export function bindDatagram(path: string): UnixSocket {
 }
 
 /**
- * Sends one datagram to the socket bound at `path`, from a fresh unbound
- * socket (as sd_notify does). Nonblocking: a receiver whose queue is full
- * costs an `EAGAIN`, never a stalled caller.
+ * Sends one datagram to the socket bound at `path` (`@name`: abstract), from
+ * a fresh unbound socket (as sd_notify does). Nonblocking: a receiver whose
+ * queue is full costs an `EAGAIN`, never a stalled caller.
+ *
+ * With `descriptors`, they travel in the same datagram (one SCM_RIGHTS
+ * message, at most 253), as systemd's `FDSTORE=1` wants them; the receiver
+ * gets its own copies, ours stay open. Errors are {@link OsError}s naming
+ * `path`: `sendmsg` with descriptors, `sendto` without.
  */
-export function sendDatagram(path: string, bytes: Uint8Array<ArrayBuffer>): void {
+export function sendDatagram(
+  path: string,
+  bytes: Uint8Array<ArrayBuffer>,
+  descriptors: readonly number[] = [],
+): void {
   const address = sockaddrUn(path);
+  // Built and checked before the socket: a RangeError costs no descriptor.
+  const message = descriptors.length === 0
+    ? undefined
+    : new MessageHeader(bytes, descriptors.length, address);
+  message?.prepareSendDescriptors(bytes.length, descriptors);
   using socket = new UnixSocket(newSocket(SOCK_DGRAM, path));
+  if (message !== undefined) {
+    if (libc.sendmsg(socket.fd, message.header, MSG_NOSIGNAL) < 0) {
+      throw new OsError("sendmsg", errno(), path);
+    }
+    return;
+  }
   const sent = libc.sendto(
     socket.fd,
     bytes,

@@ -119,6 +119,10 @@ function collectDescriptors(control: DataView, used: number, into: number[]): vo
  *
  * The buffers stay referenced by this object for as long as it lives, which
  * keeps the pointers written into the header valid.
+ *
+ * Layout (the same on x86_64 and aarch64, 56 bytes): `msg_name` 0,
+ * `msg_namelen` 8, `msg_iov` 16, `msg_iovlen` 24, `msg_control` 32,
+ * `msg_controllen` 40, `msg_flags` 48.
  */
 export class MessageHeader {
   /** The `struct msghdr` to pass to `sendmsg`/`recvmsg`. */
@@ -132,13 +136,22 @@ export class MessageHeader {
   readonly #iovecView: DataView;
   readonly #control: Uint8Array<ArrayBuffer>;
   readonly #controlView: DataView;
+  readonly #maxDescriptors: number;
+  // Held only so that the msg_name pointer stays valid as long as the header.
+  readonly #destination?: Uint8Array;
 
   /**
+   * Builds the header around `data` and a control buffer of its own.
+   *
    * @param data the single buffer the iovec points at
    * @param maxDescriptors room in the control buffer; the kernel closes any beyond it
+   * @param destination a `struct sockaddr_un` (from {@link sockaddrUn}) that every
+   *   `sendmsg` of this header goes to, for an unconnected datagram socket. Only
+   *   for sending: `recvmsg` would write the sender's address over it.
    */
-  constructor(data: Uint8Array<ArrayBuffer>, maxDescriptors: number) {
+  constructor(data: Uint8Array<ArrayBuffer>, maxDescriptors: number, destination?: Uint8Array) {
     this.data = data;
+    this.#maxDescriptors = maxDescriptors;
     this.#control = new Uint8Array(cmsgSpace(maxDescriptors));
     this.#headerView = new DataView(this.header.buffer);
     this.#iovecView = new DataView(this.#iovec.buffer);
@@ -148,6 +161,11 @@ export class MessageHeader {
     this.#headerView.setBigUint64(16, pointerValue(this.#iovec), true); // msg_iov
     this.#headerView.setBigUint64(24, 1n, true); // msg_iovlen
     this.#headerView.setBigUint64(32, pointerValue(this.#control), true); // msg_control
+    if (destination !== undefined) {
+      this.#destination = destination;
+      this.#headerView.setBigUint64(0, pointerValue(destination), true); // msg_name
+      this.#headerView.setUint32(8, destination.length, true); // msg_namelen
+    }
   }
 
   /** Prepares to receive at most `length` bytes and `maxDescriptors` descriptors. */
@@ -174,6 +192,47 @@ export class MessageHeader {
     this.#controlView.setInt32(12, SCM_RIGHTS, true);
     this.#controlView.setInt32(16, fd, true);
     if (count === 2) this.#controlView.setInt32(20, second, true);
+    this.#headerView.setUint32(40, cmsgSpace(count), true);
+  }
+
+  /**
+   * Prepares to send the first `length` bytes of `data` with all of `fds` in
+   * one SCM_RIGHTS control message (none at all when `fds` is empty). Not
+   * for the hot path, which has {@link prepareSend}: this one checks its
+   * arguments, since a wrong length would have the kernel read past `data`
+   * and a fractional descriptor would be sent as another one. The kernel
+   * takes at most 253 descriptors in one message (`SCM_MAX_FD`), EINVAL
+   * beyond.
+   *
+   * @throws {RangeError} when `length` is not within `data`, a descriptor is
+   *   not a non-negative integer, or there are more descriptors than the
+   *   header was built for
+   */
+  prepareSendDescriptors(length: number, fds: readonly number[]): void {
+    if (!Number.isInteger(length) || length < 0 || length > this.data.length) {
+      throw new RangeError(`cannot send ${length} bytes of a ${this.data.length}-byte buffer`);
+    }
+    const count = fds.length;
+    if (count > this.#maxDescriptors) {
+      throw new RangeError(
+        `${count} descriptors do not fit a message header built for ${this.#maxDescriptors}`,
+      );
+    }
+    // All checked before anything is written: a refused call leaves the header as it was.
+    for (const fd of fds) {
+      if (!Number.isInteger(fd) || fd < 0 || fd > 0x7fffffff) {
+        throw new RangeError(`${fd} is not a descriptor`);
+      }
+    }
+    this.#iovecView.setUint32(8, length, true);
+    if (count === 0) {
+      this.#headerView.setUint32(40, 0, true);
+      return;
+    }
+    this.#controlView.setBigUint64(0, BigInt(16 + 4 * count), true); // CMSG_LEN(count * sizeof(int))
+    this.#controlView.setInt32(8, SOL_SOCKET, true);
+    this.#controlView.setInt32(12, SCM_RIGHTS, true);
+    for (let i = 0; i < count; i++) this.#controlView.setInt32(16 + 4 * i, fds[i], true);
     this.#headerView.setUint32(40, cmsgSpace(count), true);
   }
 
