@@ -9,7 +9,7 @@
 
 import { putU16, putU32, u16, u32 } from "../client/bytes.ts";
 import { MAX_KEY_LENGTH, type Mode, MODES, ProtocolError } from "../client/protocol.ts";
-import { HEADER_SIZE, MAX_REQUEST_SIZE, VERSION_2 } from "../client/protocol_v2.ts";
+import { CREDIT_SIZE, HEADER_SIZE, MAX_REQUEST_SIZE, VERSION_2 } from "../client/protocol_v2.ts";
 
 /** The hand-over protocol's own version. */
 export const HANDOVER_VERSION = 1;
@@ -70,7 +70,11 @@ export interface HandoverRecord {
   ageMs: number;
   /** Its key (empty for a connection still sending). */
   key: Uint8Array;
-  /** The bytes of its request received so far (only while still sending). */
+  /**
+   * The bytes of its request received so far (while still sending), or of a
+   * listener's next `CREDIT` (a listener may be caught between two reads of
+   * one).
+   */
   partial: Uint8Array;
   /** A listener's state. */
   listener?: ListenerState;
@@ -86,7 +90,15 @@ export interface Offer {
   nextId: number;
   /** When it started serving, in milliseconds since the epoch. */
   startedMs: number;
+  /**
+   * Whether it created the socket file (and so removes it at shutdown): the
+   * new broker takes that over too, unless the socket came from systemd.
+   */
+  ownsSocketFile: boolean;
 }
+
+/** `OFFER` flags bit: the old broker created the socket file. */
+const OFFER_OWNS_SOCKET_FILE = 1;
 
 function message(request: number, size: number): Uint8Array {
   const frame = new Uint8Array(HEADER_SIZE + size);
@@ -185,6 +197,7 @@ export function decodeTakeover(frame: Uint8Array): { version: number; pid: numbe
 export function encodeOffer(offer: Offer): Uint8Array {
   const frame = message(REQUEST_OFFER, OFFER_SIZE);
   putU16(frame, 12, HANDOVER_VERSION);
+  putU16(frame, 14, offer.ownsSocketFile ? OFFER_OWNS_SOCKET_FILE : 0);
   putU32(frame, 16, offer.pid);
   putU32(frame, 20, offer.records);
   putU64(frame, 24, offer.nextId);
@@ -210,11 +223,21 @@ export function decodeOffer(frame: Uint8Array): Offer {
       `hand-over version must be ${HANDOVER_VERSION}`,
     );
   }
+  const flags = u16(frame, 14);
+  if ((flags & ~OFFER_OWNS_SOCKET_FILE) !== 0) {
+    throw new ProtocolError(
+      "OFFER",
+      "flags",
+      flags,
+      "only bit 0 (owns the socket file) is defined",
+    );
+  }
   return {
     pid: u32(frame, 16),
     records: u32(frame, 20),
     nextId: u64(frame, 24, "OFFER"),
     startedMs: u64(frame, 32, "OFFER"),
+    ownsSocketFile: (flags & OFFER_OWNS_SOCKET_FILE) !== 0,
   };
 }
 
@@ -266,30 +289,34 @@ export function encodeBatch(records: readonly HandoverRecord[]): Uint8Array {
   const frame = message(REQUEST_BATCH, size);
   putU16(frame, 12, records.length);
   let at = HEADER_SIZE + 4;
-  for (const record of records) {
-    checkRecord(record, RangeError);
-    frame[at] = KINDS.indexOf(record.kind);
-    frame[at + 1] = record.version;
-    frame[at + 2] = record.type;
-    frame[at + 3] = MODES.indexOf(record.mode);
-    frame[at + 4] = (record.wantsPidfd ? 1 : 0) | (record.hearsReasons ? 2 : 0);
-    putU64(frame, at + 8, record.id);
-    putU32(frame, at + 16, Math.min(Math.max(0, Math.round(record.ageMs)), 0xffffffff));
-    putU16(frame, at + 20, record.key.length);
-    putU16(frame, at + 22, record.partial.length);
-    at += RECORD_FIELDS;
-    frame.set(record.key, at);
-    at += record.key.length;
-    frame.set(record.partial, at);
-    at += record.partial.length;
-    if (record.listener !== undefined) {
-      putU16(frame, at, record.listener.backlog);
-      putU16(frame, at + 2, record.listener.credit);
-      putU32(frame, at + 4, record.listener.served);
-      at += LISTENER_FIELDS;
-    }
-  }
+  for (const record of records) at = putRecord(frame, at, record);
   return frame;
+}
+
+/** Writes `record` into `frame` at `at`; returns where the next one goes. */
+function putRecord(frame: Uint8Array, at: number, record: HandoverRecord): number {
+  checkRecord(record, RangeError);
+  frame[at] = KINDS.indexOf(record.kind);
+  frame[at + 1] = record.version;
+  frame[at + 2] = record.type;
+  frame[at + 3] = MODES.indexOf(record.mode);
+  frame[at + 4] = (record.wantsPidfd ? 1 : 0) | (record.hearsReasons ? 2 : 0);
+  putU64(frame, at + 8, record.id);
+  putU32(frame, at + 16, Math.min(Math.max(0, Math.round(record.ageMs)), 0xffffffff));
+  putU16(frame, at + 20, record.key.length);
+  putU16(frame, at + 22, record.partial.length);
+  at += RECORD_FIELDS;
+  frame.set(record.key, at);
+  at += record.key.length;
+  frame.set(record.partial, at);
+  at += record.partial.length;
+  if (record.listener !== undefined) {
+    putU16(frame, at, record.listener.backlog);
+    putU16(frame, at + 2, record.listener.credit);
+    putU32(frame, at + 4, record.listener.served);
+    at += LISTENER_FIELDS;
+  }
+  return at;
 }
 
 /** The rules a record keeps, whichever side checks it. */
@@ -302,7 +329,12 @@ function checkRecord(
   if (keyed ? key.length < 1 || key.length > MAX_KEY_LENGTH : key.length !== 0) {
     throw new Failure(`a ${kind} record with a key of ${key.length} bytes`);
   }
-  if (keyed ? partial.length !== 0 : partial.length >= MAX_REQUEST_SIZE) {
+  const mostPartial = kind === "incomplete"
+    ? MAX_REQUEST_SIZE - 1
+    : kind === "listener"
+    ? CREDIT_SIZE - 1
+    : 0;
+  if (partial.length > mostPartial) {
     throw new Failure(`a ${kind} record with ${partial.length} bytes of a request`);
   }
   if ((kind === "listener") !== (listener !== undefined)) {
@@ -331,59 +363,72 @@ export function decodeBatch(frame: Uint8Array): HandoverRecord[] {
   }
   const records: HandoverRecord[] = [];
   let at = HEADER_SIZE + 4;
-  const bad = (what: string) => new ProtocolError("BATCH", "length", at, what);
   for (let index = 0; index < count; index++) {
-    if (at + RECORD_FIELDS > frame.length) throw bad("a record runs past the end");
-    const kind = KINDS[frame[at]];
-    const version = frame[at + 1];
-    const type = frame[at + 2];
-    const mode = MODES[frame[at + 3]];
-    const flags = frame[at + 4];
-    if (kind === undefined) throw new ProtocolError("BATCH", "type", frame[at], "kind 1..3");
-    if (version !== 1 && version !== 2) throw bad(`version ${version}`);
-    if (type > 2 || mode === undefined || (flags & ~3) !== 0) throw bad("type, mode or flags");
-    const keyLength = u16(frame, at + 20);
-    const partialLength = u16(frame, at + 22);
-    const id = u64(frame, at + 8, "BATCH");
-    const ageMs = u32(frame, at + 16);
-    at += RECORD_FIELDS;
-    const tail = kind === "listener" ? LISTENER_FIELDS : 0;
-    if (at + keyLength + partialLength + tail > frame.length) {
-      throw bad("a record runs past the end");
-    }
-    const key = frame.slice(at, at + keyLength);
-    at += keyLength;
-    const partial = frame.slice(at, at + partialLength);
-    at += partialLength;
-    const record: HandoverRecord = {
-      kind,
-      version,
-      type,
-      mode,
-      wantsPidfd: (flags & 1) !== 0,
-      hearsReasons: (flags & 2) !== 0,
-      id,
-      ageMs,
-      key,
-      partial,
-    };
-    if (kind === "listener") {
-      record.listener = {
-        backlog: u16(frame, at),
-        credit: u16(frame, at + 2),
-        served: u32(frame, at + 4),
-      };
-      at += LISTENER_FIELDS;
-    }
-    try {
-      checkRecord(record, Error);
-    } catch (error) {
-      throw bad((error as Error).message);
-    }
+    const [record, next] = readRecord(frame, at, "BATCH");
     records.push(record);
+    at = next;
   }
-  if (at !== frame.length) throw bad("bytes after the last record");
+  if (at !== frame.length) {
+    throw new ProtocolError("BATCH", "length", at, "bytes after the last record");
+  }
   return records;
+}
+
+/**
+ * Reads the record at `at` in `frame`, checked; keys and partial requests
+ * are copied out.
+ *
+ * @returns The record and where the next one starts.
+ * @throws {ProtocolError} (named `what`) if it is malformed or runs past the end.
+ */
+function readRecord(frame: Uint8Array, at: number, what: string): [HandoverRecord, number] {
+  const bad = (detail: string) => new ProtocolError(what, "length", at, detail);
+  if (at + RECORD_FIELDS > frame.length) throw bad("a record runs past the end");
+  const kind = KINDS[frame[at]];
+  const version = frame[at + 1];
+  const type = frame[at + 2];
+  const mode = MODES[frame[at + 3]];
+  const flags = frame[at + 4];
+  if (kind === undefined) throw new ProtocolError(what, "type", frame[at], "kind 1..3");
+  if (version !== 1 && version !== 2) throw bad(`version ${version}`);
+  if (type > 2 || mode === undefined || (flags & ~3) !== 0) throw bad("type, mode or flags");
+  const keyLength = u16(frame, at + 20);
+  const partialLength = u16(frame, at + 22);
+  const id = u64(frame, at + 8, what);
+  const ageMs = u32(frame, at + 16);
+  at += RECORD_FIELDS;
+  const tail = kind === "listener" ? LISTENER_FIELDS : 0;
+  if (at + keyLength + partialLength + tail > frame.length) throw bad("a record runs past the end");
+  const key = frame.slice(at, at + keyLength);
+  at += keyLength;
+  const partial = frame.slice(at, at + partialLength);
+  at += partialLength;
+  const record: HandoverRecord = {
+    kind,
+    version,
+    type,
+    mode,
+    wantsPidfd: (flags & 1) !== 0,
+    hearsReasons: (flags & 2) !== 0,
+    id,
+    ageMs,
+    key,
+    partial,
+  };
+  if (kind === "listener") {
+    record.listener = {
+      backlog: u16(frame, at),
+      credit: u16(frame, at + 2),
+      served: u32(frame, at + 4),
+    };
+    at += LISTENER_FIELDS;
+  }
+  try {
+    checkRecord(record, Error);
+  } catch (error) {
+    throw bad((error as Error).message);
+  }
+  return [record, at];
 }
 
 /**

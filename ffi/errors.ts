@@ -68,6 +68,7 @@ export const Errno = {
   ENOTCONN: 107,
   ETOOMANYREFS: 109,
   EINPROGRESS: 115,
+  ETIMEDOUT: 110,
 } as const;
 
 /** The symbolic name of an errno value (`EAGAIN`), or `E<number>` when unknown. */

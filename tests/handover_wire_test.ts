@@ -66,7 +66,13 @@ const incomplete: HandoverRecord = {
 
 Deno.test("hand-over: TAKEOVER, OFFER, ACK and END round-trip", () => {
   assert.deepEqual(decodeTakeover(encodeTakeover(4242)), { version: 1, pid: 4242 });
-  const offer = { pid: 17, records: 10_000, nextId: 2 ** 33 + 5, startedMs: Date.UTC(2026, 11, 3) };
+  const offer = {
+    pid: 17,
+    records: 10_000,
+    nextId: 2 ** 33 + 5,
+    startedMs: Date.UTC(2026, 11, 3),
+    ownsSocketFile: true,
+  };
   assert.deepEqual(decodeOffer(encodeOffer(offer)), offer);
   assert.equal(decodeAck(encodeAck(9_999)), 9_999);
   decodeEnd(encodeEnd());
@@ -157,7 +163,7 @@ Deno.test("hand-over: framing refuses other requests, flags and oversized messag
   );
   assert.equal((handoverMessageLength(header(16, 2, 1000)) as ProtocolError).field, "size");
   assert.equal(handoverMessageLength(header(18, 2, MAX_BATCH_BYTES)), 12 + MAX_BATCH_BYTES);
-  const offer = encodeOffer({ pid: 1, records: 0, nextId: 1, startedMs: 0 });
+  const offer = encodeOffer({ pid: 1, records: 0, nextId: 1, startedMs: 0, ownsSocketFile: false });
   offer[12] = 2; // a hand-over version this broker does not speak
   assert.throws(() => decodeOffer(offer), /hand-over version must be 1/);
 });
