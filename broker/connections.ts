@@ -17,6 +17,7 @@ import { MESSAGE_SIZE, type Mode } from "../client/protocol.ts";
 import { Reactor, type Registrant } from "../ffi/reactor.ts";
 import { closeDescriptor, peerCredentials, peerUid } from "../ffi/socket.ts";
 import type { PeerCredentials } from "../ffi/structs.ts";
+import type { HandoverRecord } from "./handover_wire.ts";
 import type { Registration } from "./listeners.ts";
 import { Waiting } from "./matcher.ts";
 
@@ -65,6 +66,11 @@ export class Connection extends Waiting implements Registrant {
   hearsReasons = false;
   /** Its registration, once it is a listener. */
   registration: Registration | undefined = undefined;
+  /**
+   * While it is being adopted from another broker, what that broker said of
+   * it: it was greeted there already, and a listener keeps its credit.
+   */
+  adopted: HandoverRecord | undefined = undefined;
   /** Its uid's account, while it counts there (as incomplete or waiting). */
   account: UidAccount | undefined = undefined;
   /** What it counts as in its account, if anything. */
@@ -104,6 +110,7 @@ export class Connection extends Waiting implements Registrant {
     this.wantsPidfd = false;
     this.hearsReasons = false;
     this.registration = undefined;
+    this.adopted = undefined;
     this.#peer = undefined;
     this.#uid = undefined;
   }
@@ -228,6 +235,12 @@ export class ConnectionTable {
   #mostHeld = 0;
   readonly #countWaitingFrom: number;
   #countingWaiting: boolean;
+  /**
+   * Whether client descriptors are shared with another broker (during a
+   * hand-over): epoll keeps watching a descriptor closed here while another
+   * process holds the same socket, so closing must unregister it first.
+   */
+  sharing = false;
 
   /**
    * @param onReadable The broker's handler for a connection's readiness.
@@ -262,14 +275,27 @@ export class ConnectionTable {
     }
   }
 
-  /** Takes in the descriptor of a client just accepted. */
-  open(fd: number, now: number): Connection {
+  /** The id the next connection opened gets. */
+  get nextId(): number {
+    return this.#nextId;
+  }
+
+  /** Ids go on from `id` at least (after those of a broker handing over). */
+  raiseNextId(id: number): void {
+    this.#nextId = Math.max(this.#nextId, id);
+  }
+
+  /**
+   * Takes in the descriptor of a client just accepted, or of one adopted
+   * from another broker with the `id` it had there.
+   */
+  open(fd: number, now: number, id: number = this.#nextId++): Connection {
     let connection = this.#byFd[fd];
     if (connection === undefined || connection.isOpen) {
       connection = new Connection(this.#onReadable);
       this.#byFd[fd] = connection;
     }
-    connection.reopen(this.#nextId++, fd, now);
+    connection.reopen(id, fd, now);
     connection.previousOpen = this.#newestOpen;
     connection.nextOpen = undefined;
     if (this.#newestOpen !== undefined) this.#newestOpen.nextOpen = connection;
@@ -355,6 +381,21 @@ export class ConnectionTable {
    * it and closes its descriptor. Returns false if it was closed already.
    */
   close(connection: Connection): boolean {
+    if (!this.#remove(connection, this.sharing)) return false;
+    closeDescriptor(connection.fd);
+    return true;
+  }
+
+  /**
+   * Takes `connection` out of the table like {@link close} but leaves its
+   * descriptor open and returns it: it is no client (a hand-over's).
+   */
+  detach(connection: Connection): number {
+    this.#remove(connection, true);
+    return connection.fd;
+  }
+
+  #remove(connection: Connection, unwatch: boolean): boolean {
     if (!connection.isOpen) return false;
     connection.isOpen = false;
     connection.frame = undefined; // a spare holds no partial request
@@ -377,8 +418,7 @@ export class ConnectionTable {
       for (const waiting of this.waiting) this.#uncountWaiting(waiting);
       for (const listener of this.listening) this.#uncountWaiting(listener);
     }
-    Reactor.instance().unregister(connection, true);
-    closeDescriptor(connection.fd);
+    Reactor.instance().unregister(connection, !unwatch);
     return true;
   }
 

@@ -102,11 +102,18 @@ export class Listeners {
   ): boolean {
     // With pidfds every delivery carries two descriptors: half as many keep the same bound.
     const most = connection.wantsPidfd ? MAX_BACKLOG / 2 : MAX_BACKLOG;
-    const backlog = Math.min(requestedBacklog === 0 ? DEFAULT_BACKLOG : requestedBacklog, most);
+    // One handed over from another broker keeps the backlog it was granted and its credit.
+    const adopted = connection.adopted?.listener;
+    const backlog = adopted?.backlog ??
+      Math.min(requestedBacklog === 0 ? DEFAULT_BACKLOG : requestedBacklog, most);
     const key = frame.slice(keyOffset, keyOffset + keyLength);
-    connection.registration = new Registration(key, mode, connection.socketType, scope, backlog);
+    const registration = new Registration(key, mode, connection.socketType, scope, backlog);
+    connection.registration = registration;
     connection.received = 0; // from now on, bytes of the CREDIT being read
-    if (!this.#delivery.sendHello(connection, backlog)) {
+    if (adopted !== undefined) {
+      registration.credit = adopted.credit;
+      registration.served = adopted.served;
+    } else if (!this.#delivery.sendHello(connection, backlog)) {
       this.#table.close(connection);
       return false;
     }

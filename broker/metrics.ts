@@ -52,12 +52,15 @@ export type DropReason =
   | "delivery_failed"
   | "policy"
   | "kicked"
-  | "listener_limit";
+  | "listener_limit"
+  | "takeover_refused";
 
 /** Everything the broker counts. */
 export class BrokerMetrics {
   /** Connections accepted. */
   accepted = 0;
+  /** Connections taken over from another broker (`--takeover`, or systemd's descriptor store). */
+  adopted = 0;
   /** Pairs delivered. */
   paired = 0;
   /** Pairs delivered to listeners (counted in `paired` too). */
