@@ -47,6 +47,7 @@ export {
   type ListenerInfo,
   type ListingPage,
   MAX_LISTING_PAGE,
+  type TakeoverInfo,
   type UidLimits,
   type WaitingClient,
 } from "./broker/broker.ts";

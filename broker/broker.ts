@@ -10,8 +10,10 @@
  */
 
 import { getLogger } from "npm:@logtape/logtape@^2.4.2";
+import { u32 } from "../client/bytes.ts";
 import {
   describeKey,
+  encodeGetPair,
   GET_PAIR_KEY_OFFSET,
   GET_PAIR_MIN_SIZE,
   getPairFault,
@@ -25,6 +27,7 @@ import {
 } from "../client/protocol.ts";
 import {
   CREDIT_SIZE,
+  encodeRequest,
   HEADER_SIZE,
   isListen,
   MAX_REQUEST_SIZE,
@@ -48,6 +51,7 @@ import {
   acceptConnection,
   closeDescriptor,
   connectUnix,
+  currentUid,
   listenUnix,
   receiveMessage,
   setNonblocking,
@@ -58,6 +62,20 @@ import { MessageHeader, type PeerCredentials } from "../ffi/structs.ts";
 import { Admission, type Refusal, type UidLimits } from "./admission.ts";
 import { type Connection, ConnectionTable } from "./connections.ts";
 import { Delivered, Delivery } from "./delivery.ts";
+import {
+  handOver,
+  HandoverLink,
+  type OfferedConnection,
+  requestTakeover,
+  type TakeoverEnd,
+} from "./handover.ts";
+import {
+  decodeTakeover,
+  HANDOVER_VERSION,
+  handoverMessageLength,
+  type HandoverRecord,
+  REQUEST_TAKEOVER,
+} from "./handover_wire.ts";
 import { Listeners } from "./listeners.ts";
 import { LogLimit } from "./log_limit.ts";
 import { Matcher } from "./matcher.ts";
@@ -202,6 +220,22 @@ export interface ListenerInfo {
   peer: PeerCredentials;
 }
 
+/** Where a broker's connections came from, when it took them over from another (`--takeover`). */
+export interface TakeoverInfo {
+  /** The pid of the broker that handed over. */
+  pid: number;
+  /** When the hand-over ended. */
+  at: Date;
+  /** When the first broker of the chain of hand-overs started serving the socket. */
+  servingSince: Date;
+  /** Milliseconds pairing paused: from the `TAKEOVER` to the first accept here. */
+  pauseMs: number;
+  /** Connections received and adopted. */
+  adopted: number;
+  /** Whether the old broker died before it had sent everything. */
+  oldDied: boolean;
+}
+
 /** Where a listing of waiting clients starts and how long it may be. */
 export interface ListingPage {
   /** Only clients with an id above this (the last id of the previous page). Default 0. */
@@ -252,6 +286,14 @@ export class Broker implements AsyncDisposable {
   readonly metrics: BrokerMetrics = new BrokerMetrics();
   /** When it started serving. */
   readonly startedAt: Date = new Date();
+  /** Set when it took over from another broker. */
+  tookOver?: TakeoverInfo;
+  /**
+   * Resolves with the new broker's pid once this one has handed everything
+   * over (`--takeover`); it then only has to stop.
+   */
+  readonly handedOver: Promise<number>;
+  readonly #handedOver = Promise.withResolvers<number>();
   /** The socket file this broker created, to remove at shutdown if it is still that file. */
   readonly #ownFile?: string;
   readonly #listener: UnixSocket;
@@ -276,8 +318,23 @@ export class Broker implements AsyncDisposable {
   /** `performance.now()` when descriptors ran out, until an accept succeeds again. */
   #exhaustedSince?: number;
   #closing?: Promise<void>;
+  /** The hand-over under way, if one is (this broker handing over). */
+  #handingOver?: Promise<void>;
+  /** Connections that reported readiness during a hand-over, unwatched until it ends. */
+  #held: Connection[] = [];
+  /** Kept open until the process exits: its end of stream tells the new broker we are gone. */
+  #handoverLink?: HandoverLink;
+  #previousGone: Promise<void> = Promise.resolve();
+  /** Where a handed-over v1 request is rebuilt, one at a time. */
+  readonly #adoptedRequest = new Uint8Array(MESSAGE_SIZE);
 
-  private constructor(options: BrokerOptions, listener: UnixSocket, ownFile?: string) {
+  private constructor(
+    options: BrokerOptions,
+    listener: UnixSocket,
+    ownFile?: string,
+    accepting = true,
+  ) {
+    this.handedOver = this.#handedOver.promise;
     this.path = options.socket;
     this.#options = { handshakeTimeoutMs: 5000, ...options };
     // The reactor's reports carry no clock reading: #onReadable takes one if it needs it.
@@ -294,7 +351,11 @@ export class Broker implements AsyncDisposable {
     );
     this.#listener = listener;
     this.#ownFile = ownFile;
-    this.#listenWatch = Reactor.instance().watch(listener.fd, EPOLLIN, () => this.#acceptAll());
+    this.#listenWatch = Reactor.instance().watch(
+      listener.fd,
+      accepting ? EPOLLIN : 0,
+      () => this.#acceptAll(),
+    );
     // Deadlines alone must not keep the process alive.
     this.#sweepTimer = setInterval(() => this.#sweep(), SWEEP_INTERVAL_MS).unref();
   }
@@ -325,6 +386,116 @@ export class Broker implements AsyncDisposable {
     }
     logger.info("listening on {path}", { path });
     return new Broker(options, listener, path.startsWith("@") ? undefined : fileIdentity(path));
+  }
+
+  /**
+   * Takes over from the broker serving `options.socket` (see
+   * `docs/handover.md`): its listening socket and every connection waiting,
+   * listening or still sending, which this broker's own options and policy
+   * then apply to. Starts as {@link listen} does when nobody serves the path.
+   * Resolves once this broker accepts; {@link previousGone} tells when the
+   * old one has exited.
+   *
+   * @throws {Error} when a broker serves the path and cannot or will not hand
+   * over, or gave up half-way (it then serves on, and this one holds nothing).
+   */
+  static async takeOver(options: BrokerOptions): Promise<Broker> {
+    const path = options.socket;
+    const began = performance.now();
+    const session = await requestTakeover(path);
+    if (session === undefined) {
+      logger.info("--takeover: nobody serves {path}, so starting afresh", { path });
+      return Broker.listen(options);
+    }
+    const { offer } = session;
+    let ownFile: string | undefined;
+    if (offer.ownsSocketFile && !path.startsWith("@")) {
+      try {
+        ownFile = fileIdentity(path);
+      } catch {
+        ownFile = undefined; // removed meanwhile: nothing of ours to remove at shutdown
+      }
+    }
+    setNonblocking(session.listenerFd);
+    const broker = new Broker(options, new UnixSocket(session.listenerFd), ownFile, false);
+    logger.info("taking over {path} from pid {pid} ({records} connections)", {
+      path,
+      pid: offer.pid,
+      records: offer.records,
+    });
+    let end: TakeoverEnd;
+    let adopted = 0;
+    try {
+      broker.#table.raiseNextId(offer.nextId);
+      broker.#table.sharing = true;
+      for (;;) {
+        const next = await session.nextBatch();
+        if (typeof next === "string") {
+          end = next;
+          break;
+        }
+        const now = performance.now();
+        for (let index = 0; index < next.records.length; index++) {
+          broker.#adopt(next.records[index], next.fds[index], now);
+        }
+        adopted += next.records.length;
+        await session.acknowledge(next.records.length);
+      }
+      if (end === "old-gave-up") {
+        throw new Error(`the broker (pid ${offer.pid}) gave up the hand-over and serves on`);
+      }
+    } catch (error) {
+      broker.#abandon();
+      session[Symbol.dispose]();
+      throw new Error(
+        `taking over ${path}: ${error instanceof Error ? error.message : String(error)}`,
+      );
+    }
+    broker.#table.sharing = false;
+    broker.#listenWatch.modify(EPOLLIN);
+    const pauseMs = performance.now() - began;
+    broker.tookOver = {
+      pid: offer.pid,
+      at: new Date(),
+      servingSince: new Date(offer.startedMs),
+      pauseMs,
+      adopted,
+      oldDied: end === "old-died",
+    };
+    const stats = broker.stats;
+    const properties = {
+      path,
+      pid: offer.pid,
+      adopted,
+      waiting: stats.waiting,
+      listeners: stats.listeners,
+      open: stats.open,
+      ms: Math.round(pauseMs * 10) / 10,
+    };
+    if (end === "old-died") {
+      logger.warn(
+        "took over {path} from pid {pid}, which died half-way: serving the {adopted} connections " +
+          "it had sent ({open} kept, {waiting} waiting, {listeners} listeners); pairing paused {ms} ms",
+        properties,
+      );
+      session[Symbol.dispose]();
+    } else {
+      logger.info(
+        "took over {path} from pid {pid}: {adopted} connections, {open} kept ({waiting} waiting, " +
+          "{listeners} listeners); pairing paused {ms} ms",
+        properties,
+      );
+      broker.#previousGone = session.oldBrokerGone().finally(() => session[Symbol.dispose]());
+    }
+    return broker;
+  }
+
+  /**
+   * After {@link takeOver}: resolves once the old broker has exited (and so
+   * let go of its pidfile and control socket), or after ten seconds.
+   */
+  get previousGone(): Promise<void> {
+    return this.#previousGone;
   }
 
   /** Current counters. */
@@ -413,7 +584,8 @@ export class Broker implements AsyncDisposable {
    * file it created. Waiting clients see end of stream and may reconnect.
    */
   close(): Promise<void> {
-    return this.#closing ??= Promise.resolve().then(() => this.#shutdown());
+    // A hand-over under way finishes first: stopping half-way would leave both brokers half.
+    return this.#closing ??= (this.#handingOver ?? Promise.resolve()).then(() => this.#shutdown());
   }
 
   /** Same as {@link close}. */
@@ -423,8 +595,16 @@ export class Broker implements AsyncDisposable {
 
   #shutdown(): void {
     clearInterval(this.#sweepTimer);
-    this.#listenWatch.cancel(true);
+    const handedOver = this.#handoverLink !== undefined;
+    // Handed over, the listening socket lives on in the new broker: epoll must be told.
+    this.#listenWatch.cancel(!handedOver);
     this.#listener.close();
+    if (handedOver) {
+      logger.info("stopped: {path} and its clients are served by the new broker", {
+        path: this.path,
+      });
+      return;
+    }
     if (this.#ownFile !== undefined) this.#removeOwnFile(this.#ownFile);
     const open = this.#table.size;
     // No REFUSED: a client seeing end of stream after its HELLO knows the broker stopped.
@@ -451,12 +631,16 @@ export class Broker implements AsyncDisposable {
   }
 
   #acceptAll(): void {
+    // A report fetched with the TAKEOVER's, in the same epoll batch: the backlog is the new broker's.
+    if (this.#handingOver !== undefined || this.#handoverLink !== undefined) return;
     const now = performance.now();
     for (let accepted = 0; accepted < ACCEPT_BATCH; accepted++) {
       const fd = acceptConnection(this.#listener.fd);
       if (fd >= 0) {
         if (this.#exhaustedSince !== undefined) this.#endExhaustion(now);
         this.#admit(fd, now);
+        // That was a TAKEOVER: the rest of the backlog is the new broker's to accept.
+        if (this.#handingOver !== undefined) return;
         continue;
       }
       if (fd === -Errno.EAGAIN) return;
@@ -487,7 +671,9 @@ export class Broker implements AsyncDisposable {
     this.#listenWatch.modify(0);
     setTimeout(() => {
       this.#acceptPaused = false;
-      if (this.#closing === undefined) this.#listenWatch.modify(EPOLLIN);
+      if (this.#closing === undefined && this.#handingOver === undefined) {
+        this.#listenWatch.modify(EPOLLIN);
+      }
     }, ACCEPT_PAUSE_MS).unref();
   }
 
@@ -504,6 +690,11 @@ export class Broker implements AsyncDisposable {
     // Clients send their request right after connecting, so it is usually here already:
     // one that pairs at once never costs an epoll registration, an event or a uid's account.
     this.#onReadable(connection, now);
+    this.#settle(connection);
+  }
+
+  /** After its first bytes: a connection that stays is accounted for and watched. */
+  #settle(connection: Connection): void {
     if (!connection.isOpen) return;
     // A listener out of credit is not filed in the matcher, yet it has made its request.
     if (!connection.isWaiting && connection.registration === undefined) {
@@ -545,6 +736,7 @@ export class Broker implements AsyncDisposable {
 
   /** `now` is the caller's clock reading, if it has one: readings cost, and a batch shares one. */
   #onReadable(connection: Connection, now: number | undefined): void {
+    if (this.#handingOver !== undefined) return this.#hold(connection);
     const listening = connection.registration !== undefined;
     const requested = listening || connection.isWaiting;
     // After the request, read one byte past the frame to tell a hang-up from extra data.
@@ -601,17 +793,33 @@ export class Broker implements AsyncDisposable {
       }
       return;
     }
+    this.#onRequestBytes(connection, inbound.data, count, now);
+  }
+
+  /**
+   * The next `count` bytes of `connection`'s request, in `bytes`: read just
+   * now, or handed over by another broker.
+   */
+  #onRequestBytes(
+    connection: Connection,
+    bytes: Uint8Array,
+    count: number,
+    now: number | undefined,
+  ): void {
     // A request that arrived whole is validated and matched where it was received.
-    let frame: Uint8Array = inbound.data;
+    let frame: Uint8Array = bytes;
     if (connection.received > 0 || !arrivedWhole(frame, count)) {
-      frame = connection.frame ??= new Uint8Array(inbound.data.length);
-      frame.set(inbound.data.subarray(0, count), connection.received);
+      frame = connection.frame ??= new Uint8Array(this.#inbound.data.length);
+      frame.set(bytes.subarray(0, count), connection.received);
     }
     connection.received += count;
     if (connection.version === 1) {
       if (connection.received >= 8 && messageVersion(frame) === VERSION_2) {
         if (connection.received < HEADER_SIZE) return;
-        const length = requestLength(frame);
+        const takeover = u32(frame, 0) === REQUEST_TAKEOVER;
+        // Told why, if refused: a broker asking to take over speaks v2.
+        if (takeover) connection.hearsReasons = true;
+        const length = takeover ? handoverMessageLength(frame) : requestLength(frame);
         if (typeof length !== "number") return this.#reject(connection, length);
         connection.version = 2;
         connection.expected = length;
@@ -635,6 +843,7 @@ export class Broker implements AsyncDisposable {
       }
     }
     if (connection.received < connection.expected) return;
+    if (u32(frame, 0) === REQUEST_TAKEOVER) return this.#onTakeover(connection, frame);
     const error = connection.received > connection.expected
       ? new ProtocolError(
         isListen(frame) ? "LISTEN" : "GET_PAIR",
@@ -759,7 +968,11 @@ export class Broker implements AsyncDisposable {
 
   #startWaiting(connection: Connection, now: number): void {
     this.#table.startWaiting(connection, now);
-    if (connection.version === 2 && !this.#delivery.sendHello(connection, 0)) {
+    // One handed over had its HELLO from the broker before: a second would be a protocol error.
+    if (
+      connection.version === 2 && connection.adopted === undefined &&
+      !this.#delivery.sendHello(connection, 0)
+    ) {
       this.#table.close(connection);
       return;
     }
@@ -894,8 +1107,176 @@ export class Broker implements AsyncDisposable {
     this.#close(connection, reason);
   }
 
+  // --- hand-over: this broker's side (docs/handover.md) --------------------------------------
+
+  /** A `TAKEOVER`, whole in `frame`: hand everything to the asker, if it may have it. */
+  #onTakeover(connection: Connection, frame: Uint8Array): void {
+    let request: { version: number; pid: number };
+    try {
+      request = decodeTakeover(frame.subarray(0, connection.received));
+    } catch (error) {
+      return this.#reject(connection, error as ProtocolError);
+    }
+    // The broker's own user may take over, and root; nobody else (they could not stop it either).
+    const asker = connection.uid;
+    const refusal = request.version !== HANDOVER_VERSION
+      ? `takeover: version ${request.version} not supported`
+      : asker !== 0 && asker !== currentUid()
+      ? "takeover: not the broker's user"
+      : this.#handingOver !== undefined || this.#handoverLink !== undefined
+      ? "takeover: a hand-over is under way"
+      : this.#closing !== undefined
+      ? "takeover: the broker is stopping"
+      : undefined;
+    if (refusal !== undefined) {
+      logger.warn("refusing to hand over to client {id} (pid {pid}, uid {uid}): {refusal}", {
+        id: connection.id,
+        pid: connection.peer.pid,
+        uid: connection.uid,
+        refusal,
+      });
+      this.metrics.countDrop("takeover_refused");
+      return this.#close(connection, refusal);
+    }
+    logger.info("handing {path} over to pid {pid} ({open} client connections)", {
+      path: this.path,
+      pid: request.pid,
+      open: this.#table.size - 1,
+    });
+    const link = new HandoverLink(new UnixSocket(this.#table.detach(connection)));
+    this.#handingOver = this.#handOver(link, request.pid);
+  }
+
+  async #handOver(link: HandoverLink, pid: number): Promise<void> {
+    const began = performance.now();
+    this.#listenWatch.modify(0); // connects queue in the kernel's backlog meanwhile
+    this.#table.sharing = true;
+    const offered = this.#offered(began);
+    const connections = offered.map((entry) => entry.connection);
+    const failure = await handOver(link, {
+      offer: {
+        pid: Deno.pid,
+        records: offered.length,
+        nextId: this.#table.nextId,
+        startedMs: (this.tookOver?.servingSince ?? this.startedAt).getTime(),
+        ownsSocketFile: this.#ownFile !== undefined,
+      },
+      listenerFd: this.#listener.fd,
+      connections: offered,
+      isOpen: (index) => connections[index].isOpen,
+      release: (indexes) => {
+        for (const index of indexes) this.#table.close(connections[index]);
+      },
+    });
+    this.#handingOver = undefined;
+    if (failure === undefined) {
+      this.#handoverLink = link;
+      logger.info("handed {path} over to pid {pid}: {count} connections in {ms} ms", {
+        path: this.path,
+        pid,
+        count: offered.length,
+        ms: Math.round(performance.now() - began),
+      });
+      this.#handedOver.resolve(pid);
+      return;
+    }
+    link.close();
+    this.#table.sharing = false;
+    for (const connection of this.#held.splice(0)) {
+      if (connection.isOpen) Reactor.instance().register(connection, EPOLLIN | EPOLLRDHUP);
+    }
+    if (this.#closing === undefined) this.#listenWatch.modify(EPOLLIN);
+    logger.warn("hand-over of {path} to pid {pid} failed ({failure}); serving on", {
+      path: this.path,
+      pid,
+      failure,
+    });
+  }
+
+  /** During a hand-over: a connection with news is left alone (and unwatched, or it would spin). */
+  #hold(connection: Connection): void {
+    Reactor.instance().unregister(connection, false);
+    this.#held.push(connection);
+  }
+
+  /** Every client connection as a hand-over record, by ascending id. */
+  #offered(now: number): (OfferedConnection & { connection: Connection })[] {
+    const offered: (OfferedConnection & { connection: Connection })[] = [];
+    for (const connection of this.#table.values()) {
+      const registration = connection.registration;
+      const record: HandoverRecord = {
+        kind: registration !== undefined
+          ? "listener"
+          : connection.isWaiting
+          ? "waiting"
+          : "incomplete",
+        version: connection.version,
+        type: registration?.type ?? connection.socketType,
+        mode: registration?.mode ?? (connection.isWaiting ? connection.mode : "none"),
+        wantsPidfd: connection.wantsPidfd,
+        hearsReasons: connection.hearsReasons,
+        id: connection.id,
+        ageMs: now - connection.since,
+        key: registration?.key ?? (connection.isWaiting ? connection.key : new Uint8Array(0)),
+        partial: connection.isWaiting ? new Uint8Array(0) : partialBytes(connection),
+        listener: registration && {
+          backlog: registration.backlog,
+          credit: registration.credit,
+          served: registration.served,
+        },
+      };
+      offered.push({ record, fd: connection.fd, connection });
+    }
+    return offered;
+  }
+
+  // --- hand-over: the new broker's side -----------------------------------------------------
+
+  /** Takes in a connection handed over, as if it had just sent what it had sent. */
+  #adopt(record: HandoverRecord, fd: number, now: number): void {
+    this.metrics.adopted++;
+    const connection = this.#table.open(fd, now - record.ageMs, record.id);
+    connection.adopted = record;
+    if (record.kind === "incomplete") {
+      if (record.partial.length > 0) {
+        this.#onRequestBytes(connection, record.partial, record.partial.length, now);
+      }
+    } else {
+      const request = requestOf(record, this.#adoptedRequest);
+      this.#onRequestBytes(connection, request, request.length, now);
+      if (connection.isOpen && (connection.isWaiting || connection.registration !== undefined)) {
+        connection.since = now - record.ageMs;
+      }
+      if (connection.registration !== undefined && record.partial.length > 0) {
+        const error = this.#listeners.receive(
+          connection,
+          record.partial,
+          record.partial.length,
+          now,
+        );
+        if (error !== undefined) this.#reject(connection, error);
+      }
+    }
+    connection.adopted = undefined;
+    this.#settle(connection);
+  }
+
+  /**
+   * Lets go of everything taken over so far, without a word to the clients:
+   * the old broker still holds them and serves on.
+   */
+  #abandon(): void {
+    this.#closing = Promise.resolve();
+    clearInterval(this.#sweepTimer);
+    for (const connection of this.#table.values()) this.#table.close(connection);
+    this.#listenWatch.cancel(false);
+    this.#listener.close();
+  }
+
   /** Closes connections past their handshake or pair deadline; says what the log held back. */
   #sweep(): void {
+    // Deadlines are the new broker's business once a hand-over has begun.
+    if (this.#handingOver !== undefined) return;
     const now = performance.now();
     this.#logLimit.report(now, this.#reportHeldBack);
     this.#table.forgetIdleAccounts();
@@ -962,6 +1343,23 @@ export async function assertStale(path: string): Promise<void> {
     throw error;
   }
   throw new Error(`another broker is already listening on ${path}`);
+}
+
+/** The bytes of its request (or a listener's `CREDIT`) a connection has sent so far. */
+function partialBytes(connection: Connection): Uint8Array {
+  if (connection.received === 0 || connection.frame === undefined) return new Uint8Array(0);
+  return connection.frame.slice(0, connection.received);
+}
+
+/** The request a waiting client or a listener made, as the broker it is handed to reads it. */
+function requestOf(record: HandoverRecord, v1Frame: Uint8Array): Uint8Array {
+  if (record.version === 1) return encodeGetPair(record.key, record.mode, v1Frame);
+  return encodeRequest(record.kind === "listener" ? "listen" : "get_pair", record.key, {
+    mode: record.mode,
+    type: SOCKET_TYPES[record.type],
+    pidfd: record.wantsPidfd,
+    backlog: record.listener?.backlog ?? 0,
+  });
 }
 
 /**

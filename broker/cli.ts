@@ -70,6 +70,10 @@ Options:
                        nobody else may write; created with mode 0640
   --pidfile PATH       write the broker's pid to PATH and lock it, removed on
                        exit; refused while another process holds the lock
+  --takeover           take the socket and every waiting client over from the
+                       broker serving it (an upgrade, a change of flags): it
+                       hands over and exits 0; no connect is refused, no client
+                       notices. Without such a broker, just start
   --daemon             run in the background: exit 0 once the broker serves, or
                        1 with its error (for hosts without a service manager)
   --ready-timeout SECONDS  with --daemon: give up (exit 1, the broker killed) if
@@ -222,6 +226,7 @@ export function runBroker(args: string[]): Promise<number> {
       "log-file": { type: "string" },
       pidfile: { type: "string" },
       daemon: { type: "boolean", default: false },
+      takeover: { type: "boolean", default: false },
       "ready-timeout": { type: "string", default: String(DEFAULT_READY_TIMEOUT_MS / 1000) },
       "socket-mode": { type: "string" },
       "socket-group": { type: "string" },
@@ -287,13 +292,21 @@ export function runBroker(args: string[]): Promise<number> {
       // READY=1, still ends in a graceful shutdown.
       let status = () => "starting";
       using signals = handleBrokerSignals(() => status());
-      using _pidfile = values.pidfile === undefined
+      const takeover = values.takeover;
+      // Taking over, the old broker holds the pidfile until it exits.
+      using _pidfile = values.pidfile === undefined || takeover
         ? undefined
         : await PidFile.create(values.pidfile);
       using policy = values.policy === undefined
         ? undefined
         : await ReloadingPolicy.load(values.policy);
       const inherited = takeListener();
+      if (inherited !== undefined && takeover) {
+        throw new UsageError(
+          "--takeover with a socket passed by the service manager: under systemd, restart the " +
+            "service instead (its descriptor store keeps the waiting clients)",
+        );
+      }
       // A daemon's JavaScript thread has nothing better to do than wait for its sockets.
       Reactor.instance().setLinger(DAEMON_LINGER_MS);
       // What is open now, plus the listener, is the process's own; clients get the rest but a reserve.
@@ -304,7 +317,7 @@ export function runBroker(args: string[]): Promise<number> {
         guardFallbackDirectory(path, true);
         checkSocketAccess(path, access);
       }
-      const broker = await Broker.listen({
+      const options = {
         maxConnections,
         socket: path,
         listenFd: inherited?.fd,
@@ -317,12 +330,18 @@ export function runBroker(args: string[]): Promise<number> {
         isolateUids: values["isolate-uids"],
         authorize: policy?.authorize,
         socketAccess: inherited === undefined ? access : undefined,
-      });
+      };
+      const broker = takeover ? await Broker.takeOver(options) : await Broker.listen(options);
       logger.info("descriptor limit {soft} (hard {hard}): room for {clients} clients", {
         ...limit,
         clients: maxConnections,
       });
       try {
+        // The old broker's control socket and pidfile are free once it has exited.
+        await broker.previousGone;
+        using _takenPidfile = values.pidfile === undefined || !takeover
+          ? undefined
+          : await PidFile.create(values.pidfile);
         const control = values.control === undefined ? undefined : await serveControl(broker, {
           socket: values.control,
           maxConnections: controlMaxConnections,
@@ -330,7 +349,13 @@ export function runBroker(args: string[]): Promise<number> {
         });
         status = () => serviceStatus(broker);
         notifier.ready(status);
-        await signals.stop;
+        const handedTo = await Promise.race([
+          signals.stop.then(() => undefined),
+          broker.handedOver,
+        ]);
+        if (handedTo !== undefined) {
+          logger.info("handed over to pid {pid}; exiting", { pid: handedTo });
+        }
         notifier.stopping();
         await control?.close();
       } finally {

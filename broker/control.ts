@@ -88,6 +88,21 @@ export interface ControlStatus {
   uptimeSeconds: number;
   /** The broker socket path. */
   socket: string;
+  /** Set when this broker took over from another (`--takeover`). */
+  takeover?: {
+    /** The pid of the broker that handed over. */
+    fromPid: number;
+    /** When, as an ISO 8601 time. */
+    at: string;
+    /** When the first broker of the chain of hand-overs started, as an ISO 8601 time. */
+    servingSince: string;
+    /** Milliseconds pairing paused. */
+    pauseMs: number;
+    /** Connections received. */
+    adopted: number;
+    /** Whether the old broker died before it had sent everything. */
+    oldDied: boolean;
+  };
   /** The control socket path. */
   control: string;
   /** Counters, since start (`...Total`) or now. */
@@ -108,6 +123,8 @@ export interface ControlStatus {
     acceptedTotal: number;
     /** Client connections open (waiting, listening or still sending their request). */
     connectionsOpen: number;
+    /** Connections taken over from another broker. */
+    adoptedTotal: number;
   };
 }
 
@@ -218,6 +235,14 @@ function status(broker: Broker, control: string): Answer {
     pid: Deno.pid,
     uptimeSeconds: (Date.now() - broker.startedAt.getTime()) / 1000,
     socket: broker.path,
+    takeover: broker.tookOver && {
+      fromPid: broker.tookOver.pid,
+      at: broker.tookOver.at.toISOString(),
+      servingSince: broker.tookOver.servingSince.toISOString(),
+      pauseMs: broker.tookOver.pauseMs,
+      adopted: broker.tookOver.adopted,
+      oldDied: broker.tookOver.oldDied,
+    },
     control,
     counts: {
       waiting: stats.waiting,
@@ -228,6 +253,7 @@ function status(broker: Broker, control: string): Answer {
       rejectedTotal: stats.rejected,
       acceptedTotal: stats.accepted,
       connectionsOpen: stats.open,
+      adoptedTotal: broker.metrics.adopted,
     },
   };
   return { status: 200, body };

@@ -168,13 +168,22 @@ function table(rows: string[][]): string {
 }
 
 function formatStatus(status: ControlStatus): string {
-  const { counts } = status;
+  const { counts, takeover } = status;
+  const tookOver = takeover === undefined ? [] : [[
+    "took over",
+    `from pid ${takeover.fromPid} at ${takeover.at} (${takeover.adopted} connections, pairing ` +
+    `paused ${takeover.pauseMs.toFixed(1)} ms${
+      takeover.oldDied ? ", the old broker died half-way" : ""
+    }); ` +
+    `serving since ${takeover.servingSince}`,
+  ]];
   const byMode = Object.entries(counts.waitingByMode).map(([mode, n]) => `${mode} ${n}`);
   return `one-socket ${status.version} (pid ${status.pid}), up ${
     formatDuration(status.uptimeSeconds)
   }\n` + table([
     ["socket", status.socket],
     ["control", status.control],
+    ...tookOver,
     ["waiting", `${counts.waiting} (${byMode.join(", ")})`],
     ["listeners", String(counts.listeners)],
     ["open", `${counts.connectionsOpen} connection${counts.connectionsOpen === 1 ? "" : "s"}`],

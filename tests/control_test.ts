@@ -101,6 +101,7 @@ Deno.test("control: GET /status reports paths and counts that follow a pairing",
       listenerDeliveriesTotal: 0,
       rejectedTotal: 0,
       acceptedTotal: 0,
+      adoptedTotal: 0,
       connectionsOpen: 0,
     });
 
@@ -120,6 +121,7 @@ Deno.test("control: GET /status reports paths and counts that follow a pairing",
       listenerDeliveriesTotal: 0,
       rejectedTotal: 1,
       acceptedTotal: 4,
+      adoptedTotal: 0,
       connectionsOpen: 1,
     });
   });
