@@ -416,8 +416,15 @@ export class Broker implements AsyncDisposable {
         ownFile = undefined; // removed meanwhile: nothing of ours to remove at shutdown
       }
     }
-    setNonblocking(session.listenerFd);
-    const broker = new Broker(options, new UnixSocket(session.listenerFd), ownFile, false);
+    let broker: Broker;
+    try {
+      setNonblocking(session.listenerFd);
+      broker = new Broker(options, new UnixSocket(session.listenerFd), ownFile, false);
+    } catch (error) {
+      closeDescriptor(session.listenerFd);
+      session[Symbol.dispose]();
+      throw error;
+    }
     logger.info("taking over {path} from pid {pid} ({records} connections)", {
       path,
       pid: offer.pid,

@@ -16,7 +16,9 @@ import { Readiness } from "../ffi/reactor.ts";
 import {
   closeDescriptor,
   connectUnix,
+  currentUid,
   peerPidfd,
+  peerUid,
   readInto,
   receiveMessage,
   sendFrom,
@@ -285,28 +287,39 @@ export class TakeoverSession implements Disposable {
 
   /** @internal Use {@link requestTakeover}. */
   static async start(link: HandoverLink, path: string): Promise<TakeoverSession> {
-    // The old broker's process, to tell its death from a hand-over it gave up.
-    const pidfd = peerPidfd(link.socket.fd);
-    await link.send(encodeTakeover(Deno.pid));
-    const reply = await link.receive(offerOrRefusal);
-    if (reply === undefined) {
-      if (pidfd >= 0) closeDescriptor(pidfd);
+    // Whatever serves the path gets our descriptors' worth of trust: it must be us (or root).
+    const serving = peerUid(link.socket.fd);
+    const ours = currentUid();
+    if (serving !== ours && serving !== 0) {
       throw new Error(
-        `${path} is served by a broker that cannot hand over (it closed the connection); ` +
-          "stop it and start this one without --takeover",
+        `${path} is served by uid ${serving}, not by this user (${ours}) or root; not taking over`,
       );
     }
-    if (u32(reply.frame, 0) === REQUEST_REFUSED) {
-      for (const fd of reply.fds) closeDescriptor(fd);
+    // The old broker's process, to tell its death from a hand-over it gave up.
+    const pidfd = peerPidfd(link.socket.fd);
+    let reply: HandoverMessage | undefined;
+    try {
+      await link.send(encodeTakeover(Deno.pid));
+      reply = await link.receive(offerOrRefusal);
+      if (reply === undefined) {
+        throw new Error(
+          `${path} is served by a broker that cannot hand over (it closed the connection); ` +
+            "stop it and start this one without --takeover",
+        );
+      }
+      if (u32(reply.frame, 0) === REQUEST_REFUSED) {
+        throw new Error(`${path}: the broker refused to hand over: ${decodeRefused(reply.frame)}`);
+      }
+      const offer = decodeOffer(reply.frame);
+      if (reply.fds.length !== 1) {
+        throw new ProtocolError("OFFER", "descriptors", reply.fds.length, "must be 1");
+      }
+      return new TakeoverSession(link, offer, reply.fds[0], pidfd);
+    } catch (error) {
+      for (const fd of reply?.fds ?? []) closeDescriptor(fd);
       if (pidfd >= 0) closeDescriptor(pidfd);
-      throw new Error(`${path}: the broker refused to hand over: ${decodeRefused(reply.frame)}`);
+      throw error;
     }
-    const offer = decodeOffer(reply.frame);
-    if (reply.fds.length !== 1) {
-      for (const fd of reply.fds) closeDescriptor(fd);
-      throw new ProtocolError("OFFER", "descriptors", reply.fds.length, "must be 1");
-    }
-    return new TakeoverSession(link, offer, reply.fds[0], pidfd);
   }
 
   /** The next batch, or how the hand-over ended. */

@@ -187,6 +187,25 @@ Deno.test({
 });
 
 Deno.test({
+  name: "takeover: a path another uid serves is not taken over from, whatever it offers",
+  ignore: otherUsersMissing !== undefined,
+  sanitizeResources: false,
+  fn: () =>
+    withScope(async (scope) => {
+      const socket = `${sharedDirectory(scope.dir)}/squatted.socket`;
+      // A squatter listening where the broker would be, ready to feed it a listening socket.
+      const perl = "use IO::Socket::UNIX; $| = 1;" +
+        "my $l = IO::Socket::UNIX->new(Local => $ARGV[0], Listen => 5) or die qq($!);" +
+        "chmod 0666, $ARGV[0]; print qq(listening\n); my $c = $l->accept; sleep 10;";
+      const squatter = scope.spawn(["-e", perl, socket], { command: asUser(NOBODY, "perl") });
+      await squatter.waitForOutput("listening");
+      const refused = await scope.spawn(["broker", "--takeover", "--socket", socket]).finish();
+      assert.equal(refused.code, 1);
+      assert.match(refused.stderr, /is served by uid 65534, not by this user \(0\) or root/);
+    }),
+});
+
+Deno.test({
   name: "takeover: with nobody serving it just starts; a broker that cannot hand over is left be",
   sanitizeResources: false,
   fn: () =>
